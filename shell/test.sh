@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's test command: set up ./.venv, then run the whole test suite.
+# Pass pytest arguments through, e.g. `shell/test.sh -m "not slow"` for the fast set alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shell/setup.sh
+exec .venv/bin/python -m pytest "$@"

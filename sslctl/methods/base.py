@@ -1,0 +1,84 @@
+"""The contract between a method and the training loop (train.py). The loop knows no method.
+
+Falcon & Cho describe every method by five parts; a method file builds them from the recipe:
+  1. augmentation  -> [augment]   (built by sslctl.augment; the loop hands the views in)
+  2. encoder       -> [encoder]   (sslctl.encoders.build_backbone) -> `self.backbone`
+  3. representation extraction -> [head]  (sslctl.heads) -> `self.projector` (+ predictor, prototypes)
+  4. similarity    -> [loss] similarity (cosine / dot)
+  5. loss          -> [loss] (pure functions in sslctl.losses)
+and [method] holds what turns views into the training signal (queue, momentum target, bank).
+
+Life of one step, as train.py drives it:
+    method.before_forward(progress)          # e.g. SwAV: normalise prototypes
+    out = method.training_step(views)        # under autocast; returns {"loss": scalar, ...}
+    out["loss"].backward()
+    method.before_optimizer_step(progress)   # e.g. SwAV: drop prototype grads while frozen
+    optimizer.step()
+    method.after_optimizer_step(progress)    # e.g. BYOL EMA, AdCo bank ascent
+`progress` is a `Progress(step, total_steps, epoch, steps_per_epoch)`.
+
+State: everything a method must resume with (queue, pointer, bank and its momentum buffer,
+momentum/target encoder, prototypes) lives in parameters or registered buffers, so the loop's
+`method.state_dict()` checkpoints it. Target/key networks and banks have requires_grad=False
+so `trainable_parameters()` (what the optimiser gets) excludes them.
+
+Optional: `setup(batches)` runs once before epoch 0 with an iterator of view batches
+(AdCo's ad_init); it returns the number of batches it consumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # global optimisation step, 0-based, of the step being taken
+    total_steps: int
+    epoch: int
+    steps_per_epoch: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `self.backbone` (and usually `self.projector`) in __init__."""
+
+    #: number of augmented views training_step expects (the loop checks the augment section)
+    n_views: int = 2
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg  # the fully resolved recipe (all sections)
+
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Views (each B x C x H x W, normalised floats) -> {"loss": scalar with graph, ...}.
+
+        Other entries are detached scalars worth logging (e.g. "z_std" for collapse)."""
+        raise NotImplementedError
+
+    def before_forward(self, progress: Progress) -> None:
+        pass
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        pass
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        pass
+
+    def setup(self, batches: Iterator[list[torch.Tensor]]) -> int:
+        return 0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def embed(self, x: torch.Tensor, layer: str = "backbone") -> torch.Tensor:
+        """Features for evaluation: the pooled backbone output, or the projector's output."""
+        h = self.backbone(x)
+        return self.projector(h) if layer == "projector" else h

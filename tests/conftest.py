@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded dataset (always here) and full Fashion-MNIST (../shared, may be absent)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslctl.paths import EMBEDDED_DATASET
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FMNIST = Path(os.environ.get("SSLCTL_SHARED", REPO.parent / "shared")) / "datasets" / "fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def mini_idx() -> Path:
+    """The embedded 5,000 + 1,000 Fashion-MNIST subset (idx files)."""
+    return EMBEDDED_DATASET
+
+
+@pytest.fixture(scope="session")
+def fmnist_idx() -> Path:
+    """Full Fashion-MNIST (60k + 10k) from ../shared/datasets; skipped with a reason when absent."""
+    if not (SHARED_FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"full Fashion-MNIST not found at {SHARED_FMNIST} (set SSLCTL_SHARED or check out ../shared)")
+    return SHARED_FMNIST
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m sslctl ARGS` in a real subprocess; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sslctl", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
