@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,7 +58,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
     if meta.get("format") != FORMAT:
         raise UserError(
