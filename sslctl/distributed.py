@@ -92,6 +92,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """In-place MAX over ranks (a shift shared by every rank, e.g. Sinkhorn's exp); identity at world size 1."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks (AdCo's bank gradient); identity at world size 1."""
     if world_size() > 1:
