@@ -1,0 +1,85 @@
+"""SwAV: Swapping Assignments between Views (Caron et al. 2020). Numbers: METHODS.md §4.
+
+The five parts:
+  1. augmentation: multi-crop, 2 large crops (views 0, 1) + `extra_crops` small ones ([augment]).
+  2. encoder: any backbone; crops of one resolution go through it as one batch.
+  3. representation: projector MLP -> L2-normalise -> prototypes C (Linear, no bias, K rows).
+  4. similarity: scores s = C z̄ (cosine, as both z̄ and the rows of C are unit vectors).
+  5. loss: swapped prediction at temperature τ: every other crop predicts the Sinkhorn code
+     (ε, 3 iterations, all-reduced sums) of each crop in `crops_for_assign`.
+Outside backprop: prototypes renormalised before every forward; their gradient dropped for the
+first `freeze_prototypes_epochs`; from `queue_start_epoch` a per-rank queue of past embeddings
+(z̄, not scores) per assigned crop, prepended to the Sinkhorn input once full.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslctl import heads
+from sslctl.distributed import world_size
+from sslctl.encoders import build_backbone
+from sslctl.losses.clustering import sinkhorn, swapped_prediction
+from sslctl.methods.base import Method, Progress
+
+
+class SwAV(Method):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        aug, enc, head, method = cfg["augment"], cfg["encoder"], cfg["head"], cfg["method"]
+        self.backbone = build_backbone(enc["name"], small_stem=enc.get("small_stem", False))
+        self.projector = heads.from_config(self.backbone.feature_dim, head)
+        dim = int(head["projector_dim"])
+        self.prototypes = nn.Linear(dim, int(head["prototypes"]), bias=False)
+        self.n_views = int(aug.get("views", 2)) + int(aug.get("extra_crops", 0))
+        self.crops_for_assign = [int(a) for a in method["crops_for_assign"]]
+        self.temperature = float(cfg["loss"]["temperature"])
+        self.epsilon = float(method["epsilon"])
+        self.sinkhorn_iters = int(method["sinkhorn_iters"])
+        self.freeze_prototypes_epochs = float(method["freeze_prototypes_epochs"])
+        self.queue_start_epoch = int(method["queue_start_epoch"])
+        # The queue must hold whole global batches (official: length -= length % (B * W)).
+        length = int(method["queue_size"])
+        length -= length % int(cfg["optim"]["batch_size"])
+        self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), length // world_size(), dim))
+        self._queue_on = False
+
+    @torch.no_grad()
+    def before_forward(self, progress: Progress) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+        self._queue_on = self.queue.shape[1] > 0 and progress.epoch >= self.queue_start_epoch
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        # Frozen prototypes in the first epoch(s) keep them from chasing an untrained encoder.
+        if progress.step < round(self.freeze_prototypes_epochs * progress.steps_per_epoch):
+            self.prototypes.weight.grad = None
+
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        bs = views[0].shape[0]
+        # One backbone pass per resolution (the 2 large crops together, then the small ones).
+        h = torch.cat([self.backbone(torch.cat(list(same))) for _, same in groupby(views, key=lambda v: v.shape[-2:])])
+        z = F.normalize(self.projector(h), dim=1)
+        scores = self.prototypes(z).split(bs)
+        codes = {i_crop: self._codes(i, z[i_crop * bs : (i_crop + 1) * bs].detach(), scores[i_crop].detach())
+                 for i, i_crop in enumerate(self.crops_for_assign)}
+        loss = swapped_prediction(list(scores), codes, self.temperature)
+        return {"loss": loss, "z_std": z[:bs].detach().float().std(dim=0).mean()}
+
+    @torch.no_grad()
+    def _codes(self, i: int, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Sinkhorn codes of one assigned crop's batch, with queue `i` in front once it is full."""
+        scores = scores.float()
+        if self._queue_on:
+            queue, bs = self.queue[i], z.shape[0]
+            if queue[-1].any():  # full: the zero-initialised last row has been reached
+                scores = torch.cat([queue @ self.prototypes.weight.float().t(), scores])
+            queue[bs:] = queue[:-bs].clone()  # shift down, newest embeddings on top
+            queue[:bs] = z.float()
+        return sinkhorn(scores, self.epsilon, self.sinkhorn_iters)[-z.shape[0] :]
+
+
+METHOD = SwAV
