@@ -177,11 +177,16 @@ def _valid_keys(cfg: dict) -> list[str]:
 
 
 def _unknown(key: str, cfg: dict, path: Path, origin: str, what: str = "key") -> UserError:
-    valid = _valid_keys(cfg)
+    m = re.match(r"augment\.(view\d+)\.(.+)$", key)
+    if m:  # a per-view key: the candidates are [augment]'s plain keys, inside that view's table
+        valid = [f"augment.{m.group(1)}.{k}" for k, v in cfg["augment"].items() if not isinstance(v, dict)]
+    else:
+        valid = _valid_keys(cfg)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # a bad section: compare the last part against every key's last part
-        tail = key.rsplit(".", 1)[-1]
-        close = [v for v in valid if v.rsplit(".", 1)[-1] in difflib.get_close_matches(tail, [x.rsplit(".", 1)[-1] for x in valid], n=1)]
+    if not close:  # e.g. a misspelt section: compare the last parts
+        tails = [v.rsplit(".", 1)[-1] for v in valid]
+        best = difflib.get_close_matches(key.rsplit(".", 1)[-1], tails, n=1)
+        close = [valid[tails.index(best[0])]] if best else []
     hint = f" Closest valid key: {close[0]}." if close else ""
     return UserError(f"{path}: unknown {what} '{key}' (from {origin}).{hint} `sslctl recipes {path.stem}` lists every key.")
 
@@ -199,7 +204,7 @@ def _assign(cfg: dict, key: str, value: Any, path: Path, origin: str) -> None:
     if section == "augment" and len(parts) == 3 and _VIEW_TABLE.match(parts[1]):
         base = table.get(parts[2])
         if parts[2] not in table or isinstance(base, dict):
-            raise _unknown(f"augment.{parts[2]}", cfg, path, origin)
+            raise _unknown(key, cfg, path, origin)
         view = table.setdefault(parts[1], {})
         view[parts[2]] = _typed(value, base, key, path, origin)
         return
@@ -354,7 +359,8 @@ def _toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)  # shortest text that reads back to the same float
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+        # JSON's string escapes are valid TOML; TOML also forbids a raw DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
