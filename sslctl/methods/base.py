@@ -34,6 +34,17 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from sslctl.errors import UserError
+
+
+def expect(cfg: dict, section: str, key: str, supported: tuple) -> None:
+    """Refuse a recipe value the method does not implement (e.g. another method's loss.name)."""
+    if cfg[section][key] not in supported:
+        raise UserError(
+            f"recipe {section}.{key} = {cfg[section][key]!r} is not supported by method "
+            f"{cfg['recipe']['method']!r}; use one of {', '.join(map(repr, supported))}"
+        )
+
 
 @dataclass(frozen=True)
 class Progress:
