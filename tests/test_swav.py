@@ -153,6 +153,18 @@ def test_crops_of_one_resolution_share_a_backbone_pass():
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
 
 
+def test_bf16_autocast_keeps_scores_and_loss_in_fp32(monkeypatch):
+    torch.manual_seed(0)
+    method = build_method(small_cfg())
+    seen = []
+    real = swav_module.sinkhorn
+    monkeypatch.setattr(swav_module, "sinkhorn", lambda s, *a: seen.append(s.dtype) or real(s, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = method.training_step(crops())["loss"]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert seen == [torch.float32, torch.float32]
+
+
 def test_loss_uses_every_crop_against_assigned_codes(monkeypatch):
     # The loss the method returns equals swapped_prediction over all crops' scores with the
     # Sinkhorn codes of crops 0 and 1 (recomputed here from the same forward).

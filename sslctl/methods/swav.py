@@ -24,6 +24,7 @@ from sslctl import heads
 from sslctl.distributed import world_size
 from sslctl.encoders import build_backbone
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
+from sslctl.losses.contrastive import fp32
 from sslctl.methods.base import Method, Progress
 
 
@@ -62,23 +63,25 @@ class SwAV(Method):
         bs = views[0].shape[0]
         # One backbone pass per resolution (the 2 large crops together, then the small ones).
         h = torch.cat([self.backbone(torch.cat(list(same))) for _, same in groupby(views, key=lambda v: v.shape[-2:])])
-        z = F.normalize(self.projector(h), dim=1)
-        scores = self.prototypes(z).split(bs)
-        codes = {i_crop: self._codes(i, z[i_crop * bs : (i_crop + 1) * bs].detach(), scores[i_crop].detach())
-                 for i, i_crop in enumerate(self.crops_for_assign)}
+        p = self.projector(h)
+        # Scores and codes in fp32: at temperature 0.1, bf16's rounding of s in [-1, 1] would move logits by ~0.05.
+        with fp32(h.device):
+            z = F.normalize(p.float(), dim=1)
+            scores = self.prototypes(z).split(bs)
+            codes = {a: self._codes(i, z[a * bs : (a + 1) * bs].detach(), scores[a].detach())
+                     for i, a in enumerate(self.crops_for_assign)}
         loss = swapped_prediction(list(scores), codes, self.temperature)
-        return {"loss": loss, "z_std": z[:bs].detach().float().std(dim=0).mean()}
+        return {"loss": loss, "z_std": z[:bs].detach().std(dim=0).mean()}
 
     @torch.no_grad()
     def _codes(self, i: int, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sinkhorn codes of one assigned crop's batch, with queue `i` in front once it is full."""
-        scores = scores.float()
         if self._queue_on:
             queue, bs = self.queue[i], z.shape[0]
             if queue[-1].any():  # full: the zero-initialised last row has been reached
-                scores = torch.cat([queue @ self.prototypes.weight.float().t(), scores])
+                scores = torch.cat([queue @ self.prototypes.weight.t(), scores])
             queue[bs:] = queue[:-bs].clone()  # shift down, newest embeddings on top
-            queue[:bs] = z.float()
+            queue[:bs] = z
         return sinkhorn(scores, self.epsilon, self.sinkhorn_iters)[-z.shape[0] :]
 
 
