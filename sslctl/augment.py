@@ -150,6 +150,7 @@ def _maybe(p: float, transform: nn.Module) -> list[nn.Module]:
 
 def view_transform(cfg: dict, mean: Sequence[float], std: Sequence[float], where: str = "augment") -> v2.Compose:
     """One view's pipeline on a uint8 3xHxW tensor -> normalised float32 3 x size x size."""
+    cfg = {**OPTIONAL, **cfg}
     _check(cfg, where)
     size = int(cfg["crop_size"])
     interp = InterpolationMode.BICUBIC if cfg["interpolation"] == "bicubic" else InterpolationMode.BILINEAR
