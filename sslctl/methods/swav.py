@@ -25,15 +25,20 @@ from sslctl.distributed import world_size
 from sslctl.encoders import build_backbone
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.losses.contrastive import fp32
-from sslctl.methods.base import Method, Progress
+from sslctl.methods.base import Method, Progress, expect
+from sslctl.siamese import embedding_std, use_sync_bn
 
 
 class SwAV(Method):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         aug, enc, head, method = cfg["augment"], cfg["encoder"], cfg["head"], cfg["method"]
+        expect(cfg, "loss", "name", ("swapped_prediction",))
+        expect(cfg, "loss", "similarity", ("cosine",))
         self.backbone = build_backbone(enc["name"], small_stem=enc.get("small_stem", False))
         self.projector = heads.from_config(self.backbone.feature_dim, head)
+        sync = bool(method["sync_bn"])  # SwAV syncs BN over the global batch (§4f)
+        self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
         dim = int(head["projector_dim"])
         self.prototypes = nn.Linear(dim, int(head["prototypes"]), bias=False)
         self.n_views = int(aug.get("views", 2)) + int(aug.get("extra_crops", 0))
@@ -71,7 +76,7 @@ class SwAV(Method):
             codes = {a: self._codes(i, z[a * bs : (a + 1) * bs].detach(), scores[a].detach())
                      for i, a in enumerate(self.crops_for_assign)}
         loss = swapped_prediction(list(scores), codes, self.temperature)
-        return {"loss": loss, "z_std": z[:bs].detach().std(dim=0).mean()}
+        return {"loss": loss, "z_std": embedding_std(z[:bs])}
 
     @torch.no_grad()
     def _codes(self, i: int, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
