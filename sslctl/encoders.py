@@ -22,6 +22,8 @@ from sslctl.errors import UserError
 
 # name -> "module:factory"; factory(**kwargs) returns an nn.Module with a `feature_dim` attribute.
 CUSTOM: dict[str, str] = {}
+CUSTOM["amdim"] = "sslctl.nets.amdim:AMDIMEncoder"
+CUSTOM["cpc_resnet"] = "sslctl.nets.cpc:CPCEncoder"
 
 _CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
