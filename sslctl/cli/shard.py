@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def command(
+    src: Path = typer.Argument(..., help="Image folder, idx/CIFAR files or folder, or a .csv/.tsv list of path[,label]."),
+    out: Path = typer.Argument(..., help="Output directory for SPLIT-NNNNNN.tar shards and manifest.json."),
+    source: str = typer.Option("auto", "--source", help="Force the source kind: auto, folder, images, idx, cifar, csv."),
+    max_count: int = typer.Option(10_000, "--max-count", help="At most this many images per shard."),
+    max_size: str = typer.Option("512MB", "--max-size", help="At most this many bytes per shard (e.g. 256MB, 1G)."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Carve a stratified val split of this fraction out of train."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (same input + flags = identical bytes)."),
+    max_side: int | None = typer.Option(None, "--max-side", help="Downscale images whose longer side exceeds this (re-encodes)."),
+    format: str = typer.Option("keep", "--format", help="keep (original bytes; raw arrays -> png), png, jpg or webp."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes for reading, verifying and encoding [default: all cores]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still show)."),
+) -> None:
+    """Pack a dataset into WebDataset tar shards plus a manifest; prints the manifest path.
+
+    Sources are detected automatically: class folders (optionally under train/ val/ test/),
+    a folder of unlabelled images at any depth, MNIST/Fashion-MNIST idx files, CIFAR python
+    batches, or a CSV/TSV list. Corrupt images are skipped, listed in the manifest and
+    counted. Rerunning after an interruption keeps finished shards (verified by sha256).
+
+    Example:
+
+        sslctl shard ~/data/fashion-mnist shards/fmnist --val-fraction 0.1
+    """
+    from sslctl import console
+    from sslctl.shard import Options, parse_size, shard
+
+    console.set_quiet(quiet)
+    options = Options(max_count=max_count, max_size=parse_size(max_size), val_fraction=val_fraction, seed=seed,
+                      max_side=max_side, format=format)
+    print(shard(src, out, source=source, options=options, workers=workers))

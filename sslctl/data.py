@@ -1,0 +1,314 @@
+"""Reading shards (DESIGN.md §1): every stage after `shard` reads its images through this module.
+
+    load_manifest(path)                     the manifest dict (+ "path": where it was read from)
+    split_shards(manifest_or_path, split)   that split's tar files, in stored order
+    iter_shard(tar, rgb=False)              (key, uint8 CHW tensor, label) in stored order
+    ShardDataset(shards, split, ...)        an IterableDataset of (transform(image), label)
+    make_loader(shards, split, ...)         batches with an equal len() on every rank
+
+How an epoch is split (exactly once per epoch across ranks x DataLoader workers): the split's
+shards, in a (seed, epoch)-shuffled order, are laid end to end as one index space of samples.
+Rank r takes a balanced contiguous range of it, and each worker a contiguous block of that. A
+block may start or end inside a shard: the reader seeks over the samples before it without
+reading them, so this holds with any number of shards, even one. Samples are shuffled by a
+buffer (webdataset's) before decoding, seeded by (seed, epoch, rank, worker).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.functional import pil_to_tensor
+
+from sslctl.errors import UserError
+from sslctl.sources import standard_mode
+
+FORMAT, VERSION, MANIFEST = "sslctl-shards", 1, "manifest.json"
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a shards directory (or of the manifest file itself).
+
+    Adds "path": the absolute path of manifest.json, so the shards can be found beside it."""
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file}: no shards manifest here; make one with `sslctl shard SRC OUT` and pass OUT")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{file}: not valid JSON ({err}); was it written by `sslctl shard`?") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{file}: not an sslctl shards manifest (expected \"format\": \"{FORMAT}\")")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{file}: shards format version {manifest.get('version')}, this sslctl reads {VERSION}; reshard")
+    manifest["path"] = str(file.resolve())
+    return manifest
+
+
+def _manifest(manifest_or_path) -> dict:
+    return manifest_or_path if isinstance(manifest_or_path, dict) else load_manifest(manifest_or_path)
+
+
+def split_shards(manifest_or_path, split: str) -> list[Path]:
+    """The tar files of `split`, in stored order."""
+    manifest = _manifest(manifest_or_path)
+    if split not in manifest["splits"]:
+        raise UserError(f"{manifest['path']}: no split {split!r}; it has {', '.join(manifest['splits']) or 'none'}")
+    root = Path(manifest["path"]).parent
+    return [root / s["name"] for s in manifest["splits"][split]["shards"]]
+
+
+def _tar_files(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
+    """Files of samples start..stop-1 of one tar, as webdataset file records.
+
+    Earlier samples are seeked over (tarfile does not read their data)."""
+    with tarfile.open(path, "r:") as tar:
+        index, key = -1, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            prefix = member.name.split(".", 1)[0]
+            if prefix != key:
+                index, key = index + 1, prefix
+                tar.members = []  # keep memory flat on large shards
+            if index >= stop:
+                break
+            if index >= start:
+                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": str(path)}
+
+
+def _samples(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
+    return wds.tariterators.group_by_keys(_tar_files(path, start, stop))
+
+
+def decode(sample: dict, *, rgb: bool = False) -> tuple[Image.Image, int]:
+    """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample."""
+    ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image")
+    img = Image.open(io.BytesIO(sample[ext]))
+    img.load()
+    img = standard_mode(img)
+    if rgb and img.mode != "RGB":
+        img = img.convert("RGB")
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return img, label
+
+
+def iter_shard(tar_path: str | os.PathLike, *, rgb: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(key, uint8 C x H x W image, label or -1) for every sample of one shard, in stored order."""
+    for sample in _samples(Path(tar_path)):
+        img, label = decode(sample, rgb=rgb)
+        yield sample["__key__"], pil_to_tensor(img), label
+
+
+def _balanced(total: int, parts: int, i: int) -> tuple[int, int]:
+    return total * i // parts, total * (i + 1) // parts
+
+
+class ShardDataset(IterableDataset):
+    """(transform(image), label) for one split, each sample once per epoch across ranks x workers.
+
+    image: uint8 C x H x W tensor (output="tensor") or a PIL image (output="pil"); grayscale
+    shards give C = 1 unless rgb=True. label: the class index, -1 when unlabelled.
+    shuffle_buffer=0 reads in stored order (one rank, one worker: exactly the manifest's order).
+    batch_size/drop_last (set by make_loader): blocks per worker are whole batches, and with
+    drop_last each rank yields exactly total // (batch_size * world_size) batches.
+    return_key=True yields (image, label, key).
+    """
+
+    def __init__(
+        self,
+        shards,
+        split: str,
+        *,
+        transform: Callable | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rgb: bool = False,
+        output: str = "tensor",
+        rank: int | None = None,
+        world_size: int | None = None,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        return_key: bool = False,
+    ):
+        if output not in ("tensor", "pil"):
+            raise UserError(f"output={output!r}: expected 'tensor' or 'pil'")
+        from sslctl import distributed
+
+        self.manifest = _manifest(shards)
+        self.paths = split_shards(self.manifest, split)
+        self.counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
+        self.total = sum(self.counts)
+        self.split, self.transform, self.shuffle_buffer, self.seed = split, transform, shuffle_buffer, seed
+        self.rgb, self.output, self.return_key = rgb, output, return_key
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise UserError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.batch_size, self.drop_last = batch_size, drop_last
+        # Shared with DataLoader workers (also persistent ones), so set_epoch reaches them.
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._start_batch = multiprocessing.RawValue("q", 0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Order for this epoch; start_batch > 0 resumes mid-epoch (needs batch_size) and yields
+        exactly the batches an uninterrupted epoch would have yielded from there on."""
+        if start_batch and not self.batch_size:
+            raise ValueError("start_batch needs batch_size (use make_loader)")
+        self._epoch.value, self._start_batch.value = epoch, start_batch
+
+    def _rank_range(self) -> tuple[int, int]:
+        lo, hi = _balanced(self.total, self.world_size, self.rank)
+        if self.batch_size and self.drop_last:
+            hi = lo + self.total // (self.batch_size * self.world_size) * self.batch_size
+        return lo, hi
+
+    def __len__(self) -> int:
+        lo, hi = self._rank_range()
+        return hi - lo
+
+    def num_batches(self) -> int:
+        return math.ceil(len(self) / self.batch_size)
+
+    def _worker_block(self, worker: int, workers: int, start_batch: int) -> tuple[int, int, int]:
+        """(first, stop) sample offsets within this rank's range for `worker`, and how many of its
+        leading samples were already consumed (start_batch resume).
+
+        With batches: global batch j goes to worker (j - start_batch) % workers, as the
+        DataLoader's round-robin hands them out; each worker's batches form one block."""
+        n = len(self)
+        if not self.batch_size:
+            first, stop = _balanced(n, workers, worker)
+            return first, stop, 0
+        nb = self.num_batches()
+
+        def batches_of(w: int) -> int:  # batches that worker w yields over a whole epoch
+            return len(range(w, nb, workers))
+
+        role = (worker + start_batch) % workers  # the worker that would have served batch start_batch
+        first = sum(batches_of(w) for w in range(role)) * self.batch_size
+        stop = min(n, first + batches_of(role) * self.batch_size)
+        return first, stop, len(range(role, start_batch, workers)) * self.batch_size
+
+    def _raw(self, epoch: int, first: int, stop: int) -> Iterator[dict]:
+        """Raw samples [first, stop) of this rank's range, shards laid out in the epoch's order."""
+        order = list(range(len(self.paths)))
+        if self.shuffle_buffer:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        lo, _ = self._rank_range()
+        first, stop, offset = lo + first, lo + stop, 0
+        for i in order:
+            a, b = max(first - offset, 0), min(stop - offset, self.counts[i])
+            if a < b:
+                yield from _samples(self.paths[i], a, b)
+            offset += self.counts[i]
+            if offset >= stop:
+                break
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start_batch = self._epoch.value, self._start_batch.value
+        first, stop, done = self._worker_block(worker, workers, start_batch)
+        samples = self._raw(epoch, first, stop)
+        if self.shuffle_buffer:
+            role = (worker + start_batch) % workers
+            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{role}")
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng)
+        for i, sample in enumerate(samples):
+            if i < done:
+                continue  # consumed before the interruption: skipped before decoding
+            img, label = decode(sample, rgb=self.rgb)
+            image = pil_to_tensor(img) if self.output == "tensor" else img
+            if self.transform is not None:
+                image = self.transform(image)
+            yield (image, label, sample["__key__"]) if self.return_key else (image, label)
+
+
+class ShardLoader:
+    """Batches of (images or list of view tensors, labels), `len()` batches per epoch."""
+
+    def __init__(self, dataset: ShardDataset, loader: DataLoader, steps: int):
+        self.dataset, self.loader, self.steps = dataset, loader, steps
+        self._start = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Call before iterating each epoch; start_batch resumes mid-epoch."""
+        self.dataset.set_epoch(epoch, start_batch)
+        self._start = start_batch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        remaining = self.steps - self._start
+        for i, batch in enumerate(self.loader):
+            if i >= remaining:  # never more than len() (drop_last=False on uneven ranks)
+                break
+            yield batch
+
+
+def default_workers(world_size: int = 1) -> int:
+    """DataLoader workers per rank: the cores this rank can use, less one for the main loop."""
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    return max(0, min(16, cores - 1))
+
+
+def make_loader(
+    shards,
+    split: str,
+    *,
+    batch_size: int,
+    transform: Callable | None = None,
+    workers: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    rgb: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+    shuffle_buffer: int = 2000,
+    output: str = "tensor",
+) -> ShardLoader:
+    """A DataLoader over one split; `batch_size` is per rank.
+
+    With drop_last every rank gets exactly len() = total // (batch_size * world_size) batches,
+    so DDP ranks finish an epoch together. Call `.set_epoch(e)` before each epoch."""
+    dataset = ShardDataset(
+        shards, split, transform=transform, shuffle_buffer=shuffle_buffer if shuffle else 0, seed=seed, rgb=rgb,
+        output=output, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last,
+    )
+    steps = dataset.num_batches()
+    if drop_last and steps == 0:
+        raise UserError(
+            f"{dataset.manifest['path']}: split {split!r} has {dataset.total} images, fewer than one batch of "
+            f"{batch_size} x {dataset.world_size} rank(s); lower the batch size"
+        )
+    workers = default_workers(dataset.world_size) if workers is None else workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=False,  # blocks are whole batches already; the last partial one is wanted
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return ShardLoader(dataset, loader, steps)

@@ -1,0 +1,374 @@
+"""Dataset sources for `sslctl shard`: turn SRC into named splits of items, without reading pixels.
+
+Five kinds (issue 2), detected by `open_source` unless forced:
+    folder  class subfolders (ImageFolder layout), optionally under train/ val/ test/
+    images  images at any depth, no labels (the usual pretraining case)
+    idx     MNIST / Fashion-MNIST idx files, gzipped or not
+    cifar   CIFAR-10 / CIFAR-100 python pickle batches
+    csv     a CSV/TSV list of `path[,label]`
+
+An `Item` is either a file (read, verified and encoded later by the shard workers) or a raw
+uint8 array (idx, CIFAR). Listing is cheap; all pixel work happens in `sslctl.shard`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sslctl.errors import UserError
+
+KINDS = ("folder", "images", "idx", "cifar", "csv")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+@dataclass
+class Item:
+    key: str  # WebDataset key: unique in its split, no dots
+    label: int | None
+    path: Path | None = None  # a file on disk, or ...
+    array: np.ndarray | None = None  # ... raw pixels, H x W (gray) or H x W x 3 (RGB), uint8
+
+
+@dataclass
+class Source:
+    kind: str
+    path: Path
+    splits: dict[str, list[Item]]
+    classes: list[str] | None
+    fingerprint: str  # sha256 that changes when the input content changes
+    inputs: dict[str, Path] = field(default_factory=dict)  # files hashed into provenance
+    ignored: int = 0  # files skipped at listing time (no image extension)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "fingerprint": self.fingerprint}
+
+
+def standard_mode(img: Image.Image) -> Image.Image:
+    """Grayscale stays grayscale ("L"); everything else (palette, RGBA, CMYK, ...) becomes "RGB".
+
+    Shared by the shard workers (statistics) and the readers (sslctl.data), so both see the
+    same pixels."""
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+        return img.convert("L")
+    if img.mode == "P" and "transparency" not in img.info and all(
+        r == g == b for r, g, b in zip(*[iter(img.getpalette() or [])] * 3)
+    ):
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def open_source(src: str | os.PathLike, kind: str = "auto") -> Source:
+    """List SRC as a `Source`; `kind` forces one of KINDS. UserError for a missing or empty SRC."""
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory (expected an image folder, idx/CIFAR files or a CSV list)")
+    if kind == "auto":
+        kind = detect_kind(path)
+    if kind not in KINDS:
+        raise UserError(f"--source {kind!r}: unknown source; choose one of auto, {', '.join(KINDS)}")
+    source = {"folder": _folder, "images": _images, "idx": _idx, "cifar": _cifar, "csv": _csv}[kind](path)
+    if not any(source.splits.values()):
+        raise UserError(f"{path}: empty source ({kind}): no images found; check the path")
+    return source
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith((".csv", ".tsv")):
+            return "csv"
+        if "idx3-ubyte" in name:
+            return "idx"
+        if name.startswith(("data_batch", "test_batch")) or name in ("train", "test"):
+            return "cifar"
+        raise UserError(
+            f"{path}: cannot tell what kind of source this file is; pass a folder, an idx or CIFAR file, "
+            "or a .csv/.tsv list, or force one with --source"
+        )
+    names = {p.name for p in path.iterdir()}
+    if any(_IDX_IMAGES.match(n) for n in names):
+        return "idx"
+    if "data_batch_1" in names or {"train", "meta"} <= names:
+        return "cifar"
+    roots = _split_roots(path)
+    if all(_class_layout(root) for root in roots.values()) and sum(len(_class_layout(r)) for r in roots.values()) >= 2:
+        return "folder"
+    return "images"
+
+
+# ---------------------------------------------------------------- image folders
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def _split_roots(path: Path) -> dict[str, Path]:
+    """{split: folder}: train/ val/ test/ when those are the only subfolders, else {"train": path}."""
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    dirs = [p for p in entries if p.is_dir()]
+    if dirs and all(d.name.lower() in SPLIT_NAMES for d in dirs) and not any(_is_image(p) for p in entries):
+        roots = {}
+        for d in sorted(dirs):
+            split = SPLIT_NAMES[d.name.lower()]
+            if split in roots:
+                raise UserError(f"{path}: both {roots[split].name}/ and {d.name}/ name the {split} split; keep one")
+            roots[split] = d
+        return roots
+    return {"train": path}
+
+
+def _class_layout(root: Path) -> list[Path]:
+    """Class folders of `root` if it is ImageFolder-shaped (images only at depth 1), else []."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if any(_is_image(p) for p in entries):
+        return []
+    classes = sorted(p for p in entries if p.is_dir())
+    for d in classes:
+        if any(p.is_dir() and any(_walk_images(p)) for p in d.iterdir()):
+            return []
+    return classes
+
+
+def _walk_images(root: Path):
+    """(path, size) of every image below root, in sorted order (deterministic on any filesystem)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath, name)
+            if _is_image(p):
+                yield p
+
+
+def _key(rel: str, used: set[str]) -> str:
+    """A WebDataset key from a relative path: no dots or odd characters, short, unique."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0])[-80:] or "img"
+    base, n = key, 1
+    while key in used:
+        key, n = f"{base}_{n}", n + 1
+    used.add(key)
+    return key
+
+
+def _file_items(root: Path, files, label_of) -> tuple[list[Item], hashlib._Hash]:
+    h, used, items = hashlib.sha256(), set(), []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+        items.append(Item(_key(rel, used), label_of(p), path=p))
+    return items, h
+
+
+def _count_ignored(path: Path) -> int:
+    return sum(1 for _, _, fs in os.walk(path) for f in fs if not f.startswith(".") and not _is_image(Path(f)))
+
+
+def _folder(path: Path) -> Source:
+    if not path.is_dir():
+        raise UserError(f"{path}: --source folder needs a directory of class subfolders")
+    roots = _split_roots(path)
+    layouts = {split: _class_layout(root) for split, root in roots.items()}
+    for split, classes in layouts.items():
+        if not classes:
+            raise UserError(
+                f"{roots[split]}: not a class-folder layout (expected CLASS/IMAGE files, one subfolder per class, "
+                "no images at other depths); use --source images for unlabelled data"
+            )
+    classes = sorted({d.name for dirs in layouts.values() for d in dirs})
+    index = {name: i for i, name in enumerate(classes)}
+    digest, splits = hashlib.sha256(), {}
+    for split, root in roots.items():
+        files = [p for d in layouts[split] for p in sorted(d.iterdir()) if p.is_file() and _is_image(p)]
+        splits[split], h = _file_items(root, files, lambda p: index[p.parent.name])
+        digest.update(f"{split}:{h.hexdigest()}\n".encode())
+    return Source("folder", path, splits, classes, digest.hexdigest(), ignored=_count_ignored(path))
+
+
+def _images(path: Path) -> Source:
+    if not path.is_dir():
+        raise UserError(f"{path}: --source images needs a directory of images")
+    digest, splits = hashlib.sha256(), {}
+    for split, root in _split_roots(path).items():
+        splits[split], h = _file_items(root, _walk_images(root), lambda p: None)
+        digest.update(f"{split}:{h.hexdigest()}\n".encode())
+    return Source("images", path, splits, None, digest.hexdigest(), ignored=_count_ignored(path))
+
+
+# ---------------------------------------------------------------- idx (MNIST, Fashion-MNIST)
+
+_IDX_IMAGES = re.compile(r"^(?P<prefix>.+?)-images[-.]idx3-ubyte(\.gz)?$")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzipped or not) as a uint8 array; UserError naming the file if malformed."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
+        raise UserError(f"{path}: not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise UserError(f"{path}: truncated idx file ({len(raw) - offset} bytes of data, header says {dims})")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
+
+
+def _idx(path: Path) -> Source:
+    if path.is_file():
+        image_files = [path]
+    else:
+        image_files = sorted(p for p in path.iterdir() if _IDX_IMAGES.match(p.name))
+    if not image_files:
+        raise UserError(f"{path}: no idx image files (*-images-idx3-ubyte[.gz]) found")
+    splits, inputs, max_label, labelled = {}, {}, -1, None
+    for images_file in image_files:
+        m = _IDX_IMAGES.match(images_file.name)
+        if not m:
+            raise UserError(f"{images_file}: not named like an idx image file (PREFIX-images-idx3-ubyte[.gz])")
+        prefix = m["prefix"]
+        split = {"train": "train", "t10k": "test", "test": "test"}.get(prefix, re.sub(r"\W+", "_", prefix))
+        images = read_idx(images_file)
+        if images.ndim not in (3, 4):
+            raise UserError(f"{images_file}: expected N x H x W (or N x H x W x C) images, got shape {images.shape}")
+        labels_file = next(
+            (images_file.parent / f"{prefix}-labels{sep}idx1-ubyte{gz}" for sep in "-." for gz in (".gz", "")
+             if (images_file.parent / f"{prefix}-labels{sep}idx1-ubyte{gz}").exists()),
+            None,
+        )
+        if labelled is not None and labelled != (labels_file is not None):
+            raise UserError(f"{path}: some idx image files have a labels file and some do not")
+        labelled = labels_file is not None
+        labels = None
+        if labels_file:
+            labels = read_idx(labels_file)
+            if labels.shape != images.shape[:1]:
+                raise UserError(f"{labels_file}: {labels.shape[0]} labels for {images.shape[0]} images in {images_file}")
+            max_label = max(max_label, int(labels.max()))
+            inputs[f"{split}_labels"] = labels_file
+        inputs[f"{split}_images"] = images_file
+        width = max(6, len(str(len(images) - 1)))
+        splits[split] = [
+            Item(f"{i:0{width}d}", None if labels is None else int(labels[i]), array=images[i]) for i in range(len(images))
+        ]
+    classes = None
+    if labelled:
+        fashion = "fashion" in str(path.resolve()).lower()
+        classes = FASHION_MNIST_CLASSES if fashion and max_label < 10 else [str(i) for i in range(max_label + 1)]
+    return Source("idx", path, splits, classes, _hash_files(inputs.values()), inputs)
+
+
+def _hash_files(files) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(map(str, files)):
+        with open(f, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- CIFAR-10 / CIFAR-100 pickles
+
+class _SafeUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; never run arbitrary code from a user's file (DESIGN.md §5):
+    only plain containers and numpy arrays may be rebuilt."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+        ("__builtin__", "object"), ("builtins", "object"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _SafeUnpickler(f, encoding="bytes").load()
+    except Exception as err:  # any malformed pickle is a user input problem
+        raise UserError(f"{path}: not a CIFAR python pickle batch ({err})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a CIFAR python pickle batch (expected a dict, got {type(obj).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar(path: Path) -> Source:
+    folder = path.parent if path.is_file() else path
+    if path.is_file():
+        batches = [path]
+    elif (folder / "data_batch_1").exists():
+        batches = sorted(folder.glob("data_batch_*")) + [p for p in [folder / "test_batch"] if p.exists()]
+    else:
+        batches = [p for p in (folder / "train", folder / "test") if p.exists()]
+    if not batches:
+        raise UserError(f"{path}: no CIFAR batches (data_batch_*, test_batch, or CIFAR-100 train/test) found")
+    classes = None
+    for meta_name, names_key in (("batches.meta", "label_names"), ("meta", "fine_label_names")):
+        if (folder / meta_name).exists():
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _load_pickle(folder / meta_name)[names_key]]
+    splits: dict[str, list[Item]] = {}
+    for batch in batches:
+        d = _load_pickle(batch)
+        labels = d.get("labels", d.get("fine_labels"))
+        data = np.asarray(d.get("data"))
+        if labels is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise UserError(f"{batch}: expected 'data' N x 3072 uint8 and N 'labels'/'fine_labels'")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes R, G, B -> H x W x 3
+        split = "test" if batch.name.startswith("test") else "train"
+        stem = re.sub(r"\W+", "_", batch.name)
+        splits.setdefault(split, []).extend(
+            Item(f"{stem}_{i:05d}", int(labels[i]), array=images[i]) for i in range(len(images))
+        )
+    if classes is None:
+        classes = [str(i) for i in range(max(it.label for its in splits.values() for it in its) + 1)]
+    return Source("cifar", path, splits, classes, _hash_files(batches), {b.name: b for b in batches})
+
+
+# ---------------------------------------------------------------- CSV / TSV lists
+
+def _csv(path: Path) -> Source:
+    if not path.is_file():
+        raise UserError(f"{path}: --source csv needs a .csv or .tsv file of `path[,label]` rows")
+    text = path.read_text(encoding="utf-8-sig")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "filepath", "image"):
+        rows = rows[1:]  # header
+    for n, row in enumerate(rows, 1):
+        if len(row) > 2:
+            raise UserError(f"{path}: row {n} has {len(row)} columns; expected `path` or `path{delimiter}label`")
+    labels = [row[1].strip() if len(row) > 1 else "" for row in rows]
+    labelled = any(labels)
+    if labelled and not all(labels):
+        n = labels.index("") + 1
+        raise UserError(f"{path}: row {n} has no label but others do; give every row a label or none")
+    classes = None
+    if labelled:
+        names = set(labels)
+        numeric = all(re.fullmatch(r"-?\d+", x) for x in names)
+        classes = sorted(names, key=(lambda x: int(x)) if numeric else None)
+    index = {c: i for i, c in enumerate(classes or [])}
+    used: set[str] = set()
+    items = []
+    for row, label in zip(rows, labels):
+        rel = row[0].strip()
+        file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        items.append(Item(_key(rel, used), index[label] if labelled else None, path=file))
+    return Source("csv", path, {"train": items}, classes, _hash_files([path]), {"list": path})
