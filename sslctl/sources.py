@@ -55,7 +55,7 @@ class Source:
     ignored: int = 0  # files skipped at listing time (no image extension)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path), "fingerprint": self.fingerprint}
+        return {"kind": self.kind, "path": str(self.path.resolve()), "fingerprint": self.fingerprint}
 
 
 def standard_mode(img: Image.Image) -> Image.Image:
