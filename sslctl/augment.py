@@ -70,7 +70,14 @@ def view_configs(aug: dict) -> list[dict]:
     return views
 
 
-def _check(cfg: dict, where: str) -> None:
+def view_names(aug: dict) -> list[str]:
+    """Where each view's keys come from, for error messages: augment.view1 .. / augment."""
+    n = int(aug.get("views", 2))
+    names = [f"augment.view{i}" if f"view{i}" in aug else "augment" for i in range(1, n + 1)]
+    return names + ["augment (extra crops)"] * int(aug.get("extra_crops", 0))
+
+
+def check_view(cfg: dict, where: str) -> None:
     """Range checks that torchvision would otherwise report as a traceback mid-run."""
 
     def bad(key: str, expected: str) -> UserError:
@@ -151,7 +158,7 @@ def _maybe(p: float, transform: nn.Module) -> list[nn.Module]:
 def view_transform(cfg: dict, mean: Sequence[float], std: Sequence[float], where: str = "augment") -> v2.Compose:
     """One view's pipeline on a uint8 3xHxW tensor -> normalised float32 3 x size x size."""
     cfg = {**OPTIONAL, **cfg}
-    _check(cfg, where)
+    check_view(cfg, where)
     size = int(cfg["crop_size"])
     interp = InterpolationMode.BICUBIC if cfg["interpolation"] == "bicubic" else InterpolationMode.BILINEAR
     ops: list[nn.Module] = [
@@ -184,10 +191,7 @@ class Views:
 
     def __init__(self, aug_cfg: dict, mean: Sequence[float], std: Sequence[float]):
         cfgs = view_configs(aug_cfg)
-        n = int(aug_cfg.get("views", 2))
-        names = [f"augment.view{i + 1}" if f"view{i + 1}" in aug_cfg else "augment" for i in range(n)]
-        names += ["augment (extra crops)"] * (len(cfgs) - n)
-        self.transforms = [view_transform(c, mean, std, where) for c, where in zip(cfgs, names)]
+        self.transforms = [view_transform(c, mean, std, where) for c, where in zip(cfgs, view_names(aug_cfg))]
         self.shared_flip_p = float(cfgs[0]["flip_p"]) if cfgs[0]["shared_flip"] else 0.0
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
