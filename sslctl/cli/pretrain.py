@@ -1,0 +1,69 @@
+"""`sslctl pretrain`: train an encoder on shards by recipe; prints RUN_DIR on stdout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def command(
+    shards: Optional[str] = typer.Argument(
+        None, help="Shards directory or its manifest.json (what `sslctl shard` printed); '-' or omitted: read the path from stdin."
+    ),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (`sslctl recipes` lists them) or path to a .toml file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl."),
+    variant: str = typer.Option("auto", "--variant", help="auto (the recipe's small variant for images <= 64 px), none, or a variant's name."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: section.key=value (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Shortcut for --set schedule.epochs=N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (all processes together); shortcut for --set optim.batch_size=N. The lr is rescaled by the recipe's rule."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (the lr schedule still spans the recipe's epochs)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue RUN_DIR/checkpoints/last.pt if present (same recipe required); never: refuse an existing run."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes [default: cores - 1, at most 8]."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the method's modules (slow start, faster steps on GPUs)."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write checkpoints/last.pt every N steps (and at every epoch end)."),
+    log_every: int = typer.Option(20, "--log-every", help="Write a metrics.jsonl line and a progress line every N steps (and at every epoch end)."),
+    monitor: Optional[str] = typer.Option(None, "--monitor", help="Online weighted-kNN monitor on this labelled split (bank: train split), written to metrics.jsonl."),
+    monitor_every: int = typer.Option(1, "--monitor-every", help="Run the --monitor every N epochs."),
+    amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA and for CPUs with native bf16]."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format [default: on]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
+) -> None:
+    """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
+
+    The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
+    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on the
+    CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+
+    Example:
+
+        sslctl shard ~/data/fashion-mnist shards/ | sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+
+        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
+    """
+    from sslctl import console, distributed
+    from sslctl.artifacts import path_from_stdin_or_arg
+    from sslctl.data import load_manifest
+    from sslctl.recipes import load_recipe, recipe_path
+    from sslctl.train import pretrain
+
+    console.set_quiet(quiet)
+    shards_path = path_from_stdin_or_arg(shards, "shards (a directory or manifest.json from `sslctl shard`)")
+    manifest = load_manifest(shards_path)
+    size = manifest.get("image_size")
+    overrides = list(set_ or [])
+    if epochs is not None:
+        overrides.append(f"schedule.epochs={epochs}")
+    if batch_size is not None:
+        overrides.append(f"optim.batch_size={batch_size}")
+    cfg = load_recipe(recipe, variant=variant, overrides=overrides, image_size=max(size) if size else None)
+    run_dir = pretrain(
+        shards_path, cfg, out, device=device, resume=resume, seed=seed, workers=workers, compile=compile_,
+        checkpoint_every=checkpoint_every, log_every=log_every, monitor_split=monitor, monitor_every=monitor_every,
+        max_steps=max_steps, channels_last=channels_last, amp=amp, recipe_file=str(recipe_path(recipe)),
+    )
+    if distributed.is_main():  # under torchrun, one line from rank 0 only
+        print(run_dir)
