@@ -1,0 +1,114 @@
+"""MoCo v1 / v2 (He et al. 2019; Chen et al. 2020): a queue of negatives and a momentum key
+encoder. METHODS.md §1; recipes/moco_v1.toml and moco_v2.toml (v1: linear head, t 0.07;
+v2: MLP head, t 0.2, aug+, cosine lr). Follows facebookresearch/moco builder.py:
+
+    q = normalise(f_q(v1))                                  # query encoder, with gradient
+    xi <- m xi + (1-m) theta                                # momentum update BEFORE the keys
+    k = normalise(f_k(v2)) under no_grad, with shuffle-BN   # key encoder
+    loss = CE([q.k, q.Queue] / t, 0)                        # the queue as it was before this batch
+    enqueue(all ranks' k); ptr <- (ptr + N) mod K
+
+Shuffle-BN across processes follows §0.6; in one process the batch is shuffled and every
+BatchNorm2d of both encoders computes its statistics over `bn_splits` sub-batches
+(SplitBatchNorm, as in the MoCo CIFAR colab). The symmetric option (colab) sums both directions
+and enqueues both key batches, so K must be divisible by 2N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sslctl import distributed as dist
+from sslctl.encoders import build_backbone
+from sslctl.errors import UserError
+from sslctl.heads import from_config
+from sslctl.losses.contrastive import info_nce
+from sslctl.methods.base import Method, expect
+from sslctl.siamese import embedding_std, ema_update, momentum_copy, shuffled_keys, use_split_bn
+
+
+class QueryKeyMethod(Method):
+    """The parts MoCo and AdCo share: query encoder f_q (backbone + projector), its momentum copy
+    f_k (the key encoder), the momentum update and shuffle-BN. Subclasses add the negatives."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        enc, method = cfg["encoder"], cfg["method"]
+        expect(cfg, "loss", "similarity", ("cosine",))
+        self.temperature = float(cfg["loss"]["temperature"])
+        self.momentum = float(method["momentum"])
+        self.symmetric = bool(method["symmetric"])
+        self.shuffle_bn = bool(method["shuffle_bn"])
+
+        self.backbone = build_backbone(enc["name"], enc["small_stem"])
+        self.projector = from_config(self.backbone.feature_dim, cfg["head"])
+        if self.shuffle_bn and dist.world_size() == 1 and int(method["bn_splits"]) > 1:
+            use_split_bn(self.backbone, int(method["bn_splits"]))
+        self.key_encoder = momentum_copy(torch.nn.Sequential(self.backbone, self.projector))
+
+    def online_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        ema_update(self.key_encoder.parameters(), self.online_parameters(), self.momentum)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch's normalised keys (N x D, rank order) from the key encoder."""
+        return shuffled_keys(self.key_encoder, x, self.shuffle_bn)
+
+    @staticmethod
+    def local(keys_all: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch."""
+        b = keys_all.shape[0] // dist.world_size()
+        return keys_all[dist.rank() * b : (dist.rank() + 1) * b]
+
+
+class MoCo(QueryKeyMethod):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        expect(cfg, "loss", "name", ("info_nce",))
+        dim, size = int(cfg["head"]["projector_dim"]), int(cfg["method"]["queue_size"])
+        queue = dist.broadcast(F.normalize(torch.randn(dim, size), dim=0))  # same queue on every rank
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x1, x2 = views
+        q1 = self.query(x1)
+        q2 = self.query(x2) if self.symmetric else None
+        with torch.no_grad():
+            self.momentum_update()
+            k2 = self.keys(x2)
+            k1 = self.keys(x1) if self.symmetric else None
+        # Snapshot: the logits must see the queue from before this batch, and autograd keeps
+        # a reference to it while `enqueue` below overwrites columns in place.
+        queue = self.queue.clone().detach()
+        loss = info_nce(q1, self.local(k2), queue, self.temperature)
+        if self.symmetric:
+            loss = loss + info_nce(q2, self.local(k1), queue, self.temperature)
+            self.enqueue(torch.cat([k1, k2]))
+        else:
+            self.enqueue(k2)
+        return {"loss": loss, "z_std": embedding_std(q1)}
+
+    @torch.no_grad()
+    def enqueue(self, keys_all: torch.Tensor) -> None:
+        """FIFO: write the global keys into columns [ptr, ptr + N) and advance the pointer."""
+        n, size = keys_all.shape[0], self.queue.shape[1]
+        if size % n:
+            raise UserError(
+                f"method.queue_size = {size} must be divisible by the keys enqueued per step ({n}: "
+                f"the global batch{', x2 for symmetric' if self.symmetric else ''}); "
+                f"set --set method.queue_size={max(n, size // n * n)} or change optim.batch_size"
+            )
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr : ptr + n] = keys_all.T.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % size)
+
+
+METHOD = MoCo

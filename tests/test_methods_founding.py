@@ -1,0 +1,365 @@
+"""MoCo, AdCo, SimCLR, BYOL: the algorithm's invariants on tiny real networks (ResNet-18 small
+stem at 16 px, batch 8), built from the real recipes' small variants."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslctl.errors import UserError
+from sslctl.losses.contrastive import info_nce, info_nce_global, keys_and_bank_similarities
+from sslctl.methods import Progress, build_method
+from sslctl.methods.adco import bank_gradient
+from sslctl.optim import cosine_tau
+from sslctl.recipes import load_recipe
+from sslctl.siamese import SplitBatchNorm, ema_update, shuffled_keys, use_split_bn
+
+B = 8
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def method(name: str, *overrides: str):
+    return build_method(load_recipe(name, variant="small", overrides=overrides))
+
+
+def views(b: int = B, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ---- shared parts ---------------------------------------------------------------------------
+
+
+def test_split_batchnorm_normalises_each_interleaved_sub_batch_and_averages_running_stats():
+    bn = SplitBatchNorm(3, num_splits=2)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    out = bn(x)
+    for s in range(2):
+        sub = x[s::2]
+        ref = F.batch_norm(sub, None, None, training=True, eps=bn.eps)
+        torch.testing.assert_close(out[s::2], ref, rtol=1e-5, atol=1e-5)
+    expected_mean = 0.1 * torch.stack([x[s::2].mean((0, 2, 3)) for s in range(2)]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    bn.eval()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+
+def test_use_split_bn_keeps_torchvision_state_dict_keys():
+    from sslctl.encoders import build_backbone
+
+    net = build_backbone("resnet18", small_stem=True)
+    keys = list(net.state_dict())
+    use_split_bn(net, 4)
+    assert list(net.state_dict()) == keys
+    assert sum(isinstance(m, SplitBatchNorm) for m in net.modules()) == 20
+
+
+def test_shuffled_keys_undo_the_shuffle():
+    enc = torch.nn.Linear(5, 3)  # no BN: shuffling must not change any key
+    x = torch.randn(8, 5)
+    torch.testing.assert_close(shuffled_keys(enc, x), F.normalize(enc(x), dim=1))
+
+
+def test_shuffle_bn_changes_which_images_share_bn_statistics():
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SplitBatchNorm(4, 2), torch.nn.Flatten())
+    x = torch.randn(8, 3, 2, 2)
+    torch.manual_seed(1)
+    keys = [shuffled_keys(enc, x) for _ in range(3)]
+    assert not torch.allclose(keys[0], keys[1]) or not torch.allclose(keys[1], keys[2])
+
+
+def test_ema_update_moves_parameters_only():
+    online, target = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        online.weight.fill_(2.0)
+        online.running_mean.fill_(5.0)
+    ema_update(target.parameters(), online.parameters(), 0.9)
+    torch.testing.assert_close(target.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
+    assert target.running_mean.abs().sum() == 0  # buffers untouched
+
+
+# ---- MoCo -----------------------------------------------------------------------------------
+
+
+def moco(*overrides: str):
+    return method("moco_v2", "method.queue_size=32", "method.bn_splits=2", *overrides)
+
+
+def test_moco_key_encoder_starts_as_a_frozen_copy_and_sees_no_gradient():
+    m = moco()
+    for q, k in zip(m.online_parameters(), m.key_encoder.parameters()):
+        assert torch.equal(q, k) and not k.requires_grad
+    out = m.training_step(views())
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.key_encoder.parameters())
+    assert all(p.grad is not None for p in m.backbone.parameters())
+    assert not m.queue.requires_grad
+    ids = {id(p) for p in m.trainable_parameters()}
+    assert not ids & {id(p) for p in m.key_encoder.parameters()}
+
+
+def test_moco_momentum_update_happens_before_the_keys_with_the_current_online_weights():
+    m = moco()
+    with torch.no_grad():  # make online and key weights differ, as after some training
+        for p in m.online_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before_key, online = params(m.key_encoder), params(m.backbone) + params(m.projector)
+    m.training_step(views())
+    for k0, q, k1 in zip(before_key, online, m.key_encoder.parameters()):
+        torch.testing.assert_close(k1, 0.99 * k0 + 0.01 * q)
+
+
+def test_moco_logits_use_the_queue_from_before_the_batch_then_enqueue():
+    m = moco()
+    old_queue = m.queue.clone()
+    x1, x2 = views()
+    loss = m.training_step([x1, x2])["loss"]
+    keys = m.queue[:, :B].T  # the batch's keys were written at the old pointer 0
+    assert int(m.queue_ptr) == B
+    torch.testing.assert_close(m.queue[:, B:], old_queue[:, B:])
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(B))
+    q = m.query(x1)  # train-mode BN: same batch, same output
+    torch.testing.assert_close(loss, info_nce(q, keys, old_queue, 0.1), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(loss, info_nce(q, keys, m.queue, 0.1), rtol=1e-3)
+
+
+def test_moco_queue_is_fifo_and_pointer_wraps():
+    m = moco()
+    batches = [F.normalize(torch.randn(B, 128), dim=1) for _ in range(5)]
+    for i, k in enumerate(batches):
+        m.enqueue(k)
+        assert int(m.queue_ptr) == ((i + 1) * B) % 32
+    # 5 batches into 4 slots: the 5th overwrote the 1st, the others stay in arrival order
+    for slot, k in enumerate([batches[4], batches[1], batches[2], batches[3]]):
+        torch.testing.assert_close(m.queue[:, slot * B : (slot + 1) * B], k.T)
+
+
+def test_moco_queue_size_must_hold_whole_batches():
+    m = moco("method.queue_size=36")
+    with pytest.raises(UserError, match="queue_size = 36"):
+        m.training_step(views())
+
+
+def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_batches():
+    m = moco("method.symmetric=true")
+    old_queue = m.queue.clone()
+    x1, x2 = views()
+    loss = m.training_step([x1, x2])["loss"]
+    assert int(m.queue_ptr) == 2 * B
+    k1, k2 = m.queue[:, :B].T, m.queue[:, B : 2 * B].T  # enqueued as [k1, k2]
+    expected = info_nce(m.query(x1), k2, old_queue, 0.1) + info_nce(m.query(x2), k1, old_queue, 0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_moco_v1_head_is_linear_and_v2_head_is_mlp_without_bn():
+    v1, v2 = method("moco_v1", "method.queue_size=32"), moco()
+    assert [type(l).__name__ for l in v1.projector] == ["Linear"]
+    assert [type(l).__name__ for l in v2.projector] == ["Linear", "ReLU", "Linear"]
+    assert v1.temperature == 0.1 and load_recipe("moco_v1")["loss"]["temperature"] == 0.07
+
+
+def test_moco_rejects_a_loss_it_does_not_implement():
+    with pytest.raises(UserError, match="loss.name"):
+        moco("loss.name=nt_xent")
+
+
+def test_moco_outputs_collapse_signal_and_projector_embedding():
+    m = moco()
+    out = m.training_step(views())
+    assert 0 < out["z_std"].item() < 1
+    assert m.embed(views()[0], "projector").shape == (B, 128)
+    assert m.embed(views()[0]).shape == (B, 512)
+
+
+# ---- AdCo -----------------------------------------------------------------------------------
+
+
+def adco(*overrides: str):
+    return method("adco", "method.bank_size=32", "method.bn_splits=2", *overrides)
+
+
+def test_adco_closed_form_bank_gradient_equals_autograd_sign_included():
+    g = torch.Generator().manual_seed(0)
+    q, keys = F.normalize(torch.randn(6, 16, generator=g), dim=1), F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    bank = torch.randn(16, 40, generator=g) * torch.rand(40, generator=g) * 5  # columns of varied norm
+    leaf = bank.clone().requires_grad_(True)
+    loss = info_nce_global(q, keys, leaf, 0.02, torch.arange(6))
+    (auto,) = torch.autograd.grad(loss, leaf)
+    sims = torch.cat([q @ keys.T, q @ F.normalize(bank, dim=0)], 1)
+    torch.testing.assert_close(bank_gradient(q, sims, bank, 0.02), auto, rtol=1e-4, atol=1e-6)
+
+
+def random_pending(m, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random unit queries and global keys (d=128, N=B), as pending bank-step input. At this
+    tiny scale real features of noise images are nearly identical, which would leave the bank
+    no gradient to follow."""
+    g = torch.Generator().manual_seed(seed)
+    q, keys = (F.normalize(torch.randn(B, 128, generator=g), dim=1) for _ in range(2))
+    m._pending[:] = [(q, keys_and_bank_similarities(q, keys, m.bank))]
+    return q, keys, torch.arange(B)
+
+
+def test_adco_bank_step_is_sgd_ascent_with_momentum_and_decay():
+    m = adco()
+    m.bank_velocity.normal_()  # a non-zero momentum buffer, as mid-training
+    bank0, vel0 = m.bank.clone(), m.bank_velocity.clone()
+    q, keys, target = random_pending(m)
+    leaf = bank0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(info_nce_global(q, keys, leaf, 0.02, target), leaf)
+    m.after_optimizer_step(Progress(0, 10, 0, 10))
+    G = -grad  # the bank ASCENDS its loss
+    vel = 0.9 * vel0 + G + 1e-4 * bank0
+    torch.testing.assert_close(m.bank_velocity, vel, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.bank, bank0 - 3.0 * vel, rtol=1e-4, atol=1e-5)
+    assert not m._pending
+
+
+def test_adco_one_bank_step_raises_the_bank_loss_on_the_same_batch():
+    m = adco()
+    q, keys, target = random_pending(m)
+    before = info_nce_global(q, keys, m.bank, 0.02, target)
+    m.after_optimizer_step(Progress(0, 10, 0, 10))
+    after = info_nce_global(q, keys, m.bank, 0.02, target)
+    assert after > before + 0.01
+
+
+def test_adco_step_keeps_the_pre_step_queries_and_logs_the_bank_loss():
+    m = adco()
+    x1, x2 = views()
+    out = m.training_step([x1, x2])
+    (q, sims), = m._pending
+    assert not q.requires_grad and not sims.requires_grad
+    torch.testing.assert_close(q, m.query(x1))
+    torch.testing.assert_close(out["bank_loss"], F.cross_entropy(sims / 0.02, torch.arange(B)))
+
+
+def test_adco_network_loss_has_batch_keys_as_negatives_with_the_positive_at_the_global_index():
+    m = adco()
+    x1, x2 = views()
+    out = m.training_step([x1, x2])
+    (q, sims), = m._pending
+    assert sims.shape == (B, B + 32)
+    # the keys' block: positives on the diagonal (rank 0), the other images' keys off it
+    recomputed = F.cross_entropy(sims / 0.12, torch.arange(B))
+    torch.testing.assert_close(out["loss"], recomputed)
+    assert out["loss"].item() > F.cross_entropy(sims[:, [*range(B)]] / 0.12, torch.arange(B)).item()
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.key_encoder.parameters())
+    assert not m.bank.requires_grad and not m.bank_velocity.requires_grad
+
+
+def test_adco_symmetric_halves_the_loss_and_averages_the_bank_gradient():
+    m = adco("method.symmetric=true")
+    bank0 = m.bank.clone()
+    m.training_step(views())
+    assert len(m._pending) == 2
+    grads = [bank_gradient(q, s, bank0, 0.02) for q, s in m._pending]
+    m.after_optimizer_step(Progress(0, 10, 0, 10))
+    G = -(grads[0] + grads[1]) / 2
+    torch.testing.assert_close(m.bank_velocity, G + 1e-4 * bank0, rtol=1e-4, atol=1e-6)
+
+
+def test_adco_ad_init_fills_the_bank_with_keys_then_recopies_the_key_encoder():
+    m = adco()
+    online0 = params(m.backbone)
+    batches = iter([views(seed=s) for s in range(10)])
+    used = m.setup(batches)
+    assert used == 32 // B
+    torch.testing.assert_close(m.bank.norm(dim=0), torch.ones(32))  # every column is a unit key
+    assert len({round(c, 5) for c in m.bank[0].tolist()}) == 32
+    assert any(not torch.equal(a, b) for a, b in zip(online0, m.backbone.parameters()))  # SGD steps ran
+    for q, k in zip(m.online_parameters(), m.key_encoder.parameters()):
+        assert torch.equal(q, k)
+    assert next(batches) is not None  # the rest of the stream is left for training
+
+
+def test_adco_ad_init_off_or_short_stream():
+    assert adco("method.ad_init=false").setup(iter([views()])) == 0
+    m = adco()
+    assert m.setup(iter([views()])) == 1
+    torch.testing.assert_close(m.bank[:, :B].norm(dim=0), torch.ones(B))
+
+
+# ---- SimCLR ---------------------------------------------------------------------------------
+
+
+def test_simclr_head_is_the_projection_head_and_v2_is_a_recipe():
+    m = method("simclr")
+    names = [type(l).__name__ for l in m.projector]
+    assert names == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert m.projector[3].bias is None and not m.projector[4].affine
+    v2 = build_method(load_recipe("simclr", variant="v2", overrides=["encoder.name=resnet18", "head.projector_hidden=[512, 512]"]))
+    assert sum(isinstance(l, torch.nn.Linear) for l in v2.projector) == 3
+
+
+def test_simclr_step_loss_at_init_and_gradient_reaches_the_encoder():
+    m = method("simclr")
+    out = m.training_step(views())
+    # at initialisation the two views' features are correlated: below the equal-logit value
+    assert 0 < out["loss"].item() < 2 * math.log(2 * B - 1) + 0.5
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.backbone.parameters())
+    assert m.embed(views()[0], "projector").shape == (B, 128)
+
+
+# ---- BYOL -----------------------------------------------------------------------------------
+
+
+def test_byol_target_is_a_frozen_copy_without_predictor_and_gets_no_gradient():
+    m = method("byol")
+    assert len(list(m.target.parameters())) == len(m.online_parameters())
+    out = m.training_step(views())
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.target.parameters())
+    assert all(p.grad is not None for p in m.predictor.parameters())
+    assert 0 <= out["loss"].item() <= 8
+    assert out["z_std"].item() > 0
+
+
+def test_byol_target_runs_in_train_mode_with_its_own_bn_statistics():
+    m = method("byol")
+    bn_t = m.target[0].bn1
+    n0 = int(bn_t.num_batches_tracked)
+    m.training_step(views())
+    assert int(bn_t.num_batches_tracked) == n0 + 2  # one forward per view, batch statistics
+
+
+def test_byol_ema_after_the_step_follows_the_cosine_tau_schedule():
+    m = method("byol")
+    with torch.no_grad():
+        for p in m.online_parameters():
+            p.add_(0.1)
+    target0, online = params(m.target), params(m.backbone) + params(m.projector)
+    m.after_optimizer_step(Progress(step=30, total_steps=100, epoch=0, steps_per_epoch=100))
+    tau = cosine_tau(0.99, 30, 100)
+    assert tau == pytest.approx(1 - 0.01 * (math.cos(math.pi * 0.3) + 1) / 2)
+    for t0, q, t1 in zip(target0, online, m.target.parameters()):
+        torch.testing.assert_close(t1, tau * t0 + (1 - tau) * q)
+    assert cosine_tau(0.99, 0, 100) == pytest.approx(0.99) and cosine_tau(0.99, 100, 100) == 1.0
+
+
+def test_byol_loss_is_symmetric_regression():
+    m = method("byol")
+    m.eval()  # deterministic BN so the two orders can be compared
+    x1, x2 = views()
+    a = m.training_step([x1, x2])["loss"]
+    b = m.training_step([x2, x1])["loss"]
+    torch.testing.assert_close(a, b)
+
+
+def test_every_founding_recipe_builds_its_method_with_the_small_variant():
+    for name, cls in [("adco", "AdCo"), ("moco_v1", "MoCo"), ("moco_v2", "MoCo"), ("simclr", "SimCLR"), ("byol", "BYOL")]:
+        assert type(method(name)).__name__ == cls
