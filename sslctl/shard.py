@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -27,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from sslctl import console
@@ -203,14 +203,17 @@ def _tar_size(entries: int) -> int:
 
 
 class _ShardWriter:
-    """One `SPLIT-NNNNNN.tar`, written to a temp file and renamed into place when closed."""
+    """One `SPLIT-NNNNNN.tar`, written to a temp file and renamed into place when closed.
+
+    Plain tarfile rather than webdataset's TarWriter: the same layout (KEY.EXT members, a
+    sample's members together, sorted by extension) without importing torch into this stage."""
 
     def __init__(self, path: Path):
         self.path, self.count, self.entries = path, 0, 0
         self._stack = ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
         self._file = _HashingFile(self._stack.enter_context(open(tmp, "wb")))
-        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
         self.stats = Stats()
 
     @staticmethod
@@ -221,10 +224,12 @@ class _ShardWriter:
         return _tar_size(self.entries + extra)
 
     def add(self, key: str, ext: str, data: bytes, label: int | None) -> None:
-        sample = {"__key__": key, ext: data}
-        if label is not None:
-            sample["cls"] = str(label).encode("ascii")
-        self._tar.write(sample)
+        members = {ext: data} if label is None else {"cls": str(label).encode("ascii"), ext: data}
+        for suffix in sorted(members):
+            # Fixed metadata: the bytes depend on the content alone (determinism).
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(members[suffix]), 0, 0o444, 0, 0
+            self._tar.addfile(info, io.BytesIO(members[suffix]))
         self.entries += self.sample_size(data, label)
         self.count += 1
 
