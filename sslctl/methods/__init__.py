@@ -19,6 +19,15 @@ def available() -> list[str]:
 
 def build_method(cfg: dict) -> Method:
     name = cfg["recipe"]["method"]
+    if ":" in name:  # "package.module:Class": a Method defined elsewhere (sslctl finetune / distill, plugins)
+        module, _, cls = name.partition(":")
+        try:
+            method_cls = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as err:
+            raise UserError(f"recipe.method = '{name}': cannot import {cls} from {module} ({err})") from None
+        if not (isinstance(method_cls, type) and issubclass(method_cls, Method)):
+            raise UserError(f"recipe.method = '{name}': {cls} is not an sslctl Method subclass")
+        return method_cls(cfg)
     if name not in available():
         raise UserError(f"recipe.method = '{name}' is not a method; available: {', '.join(available())}")
     return importlib.import_module(f"{__name__}.{name}").METHOD(cfg)
