@@ -95,7 +95,7 @@ def test_ema_update_moves_parameters_only():
 
 
 def moco(*overrides: str):
-    return method("moco_v2", "method.queue_size=32", "method.bn_splits=2", *overrides)
+    return method("moco_v2", "method.queue_size=32", "method.bn_splits=2", "optim.batch_size=8", *overrides)
 
 
 def test_moco_key_encoder_starts_as_a_frozen_copy_and_sees_no_gradient():
@@ -148,9 +148,10 @@ def test_moco_queue_is_fifo_and_pointer_wraps():
 
 
 def test_moco_queue_size_must_hold_whole_batches():
-    m = moco("method.queue_size=36")
-    with pytest.raises(UserError, match="queue_size = 36"):
-        m.training_step(views())
+    with pytest.raises(UserError, match="queue_size = 36 must be a multiple of .* 8"):
+        moco("method.queue_size=36", "optim.batch_size=8")
+    with pytest.raises(UserError, match="x 2 for the symmetric loss"):
+        moco("method.queue_size=24", "optim.batch_size=8", "method.symmetric=true")
 
 
 def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_batches():
@@ -165,7 +166,7 @@ def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_batches():
 
 
 def test_moco_v1_head_is_linear_and_v2_head_is_mlp_without_bn():
-    v1, v2 = method("moco_v1", "method.queue_size=32"), moco()
+    v1, v2 = method("moco_v1", "method.queue_size=32", "optim.batch_size=8"), moco()
     assert [type(l).__name__ for l in v1.projector] == ["Linear"]
     assert [type(l).__name__ for l in v2.projector] == ["Linear", "ReLU", "Linear"]
     assert v1.temperature == 0.1 and load_recipe("moco_v1")["loss"]["temperature"] == 0.07
@@ -363,3 +364,87 @@ def test_byol_loss_is_symmetric_regression():
 def test_every_founding_recipe_builds_its_method_with_the_small_variant():
     for name, cls in [("adco", "AdCo"), ("moco_v1", "MoCo"), ("moco_v2", "MoCo"), ("simclr", "SimCLR"), ("byol", "BYOL")]:
         assert type(method(name)).__name__ == cls
+
+
+# ---- two real processes (gloo) --------------------------------------------------------------
+
+
+def _two_process_worker(rank: int, init_file: str) -> None:
+    import torch.distributed as tdist
+
+    from sslctl import distributed as dist
+    from sslctl.losses.contrastive import nt_xent
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        b, n = 4, 8
+        mine = slice(rank * b, (rank + 1) * b)
+
+        def same_everywhere(t: torch.Tensor) -> bool:
+            return torch.equal(dist.gather_no_grad(t[None])[0], dist.gather_no_grad(t[None])[1])
+
+        # shuffle-BN across ranks: every rank gets the whole batch's keys in rank order, unshuffled
+        torch.manual_seed(0)
+        enc = torch.nn.Linear(5, 3)
+        x_all = torch.randn(n, 5)
+        torch.manual_seed(100 + rank)  # per-rank RNG streams, as in training
+        torch.testing.assert_close(shuffled_keys(enc, x_all[mine]), F.normalize(enc(x_all), dim=1))
+
+        # NT-Xent with gather WITH gradient: the per-rank losses average to the global loss, and
+        # each rank's gradient is W x the global loss's gradient on its slice (DDP then averages)
+        g = torch.Generator().manual_seed(0)
+        z1_all, z2_all = (F.normalize(torch.randn(n, 6, generator=g), dim=1) for _ in range(2))
+        z1, z2 = z1_all[mine].clone().requires_grad_(True), z2_all[mine].clone().requires_grad_(True)
+        loss = nt_xent(z1, z2, 0.3, z1_all=dist.gather_with_grad(z1), z2_all=dist.gather_with_grad(z2), rank=rank)
+        loss.backward()
+        ref1, ref2 = z1_all.clone().requires_grad_(True), z2_all.clone().requires_grad_(True)
+        ref = nt_xent(ref1, ref2, 0.3)
+        ref.backward()
+        mean = dist.all_reduce_mean(loss.detach().clone())
+        torch.testing.assert_close(mean, ref.detach())
+        torch.testing.assert_close(z1.grad, 2 * ref1.grad[mine], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z2.grad, 2 * ref2.grad[mine], rtol=1e-5, atol=1e-6)
+
+        # MoCo: built with a different seed per rank, the queue is still identical (broadcast);
+        # after a step both ranks hold the same queue with the GLOBAL batch enqueued.
+        torch.manual_seed(rank)
+        m = build_method(load_recipe("moco_v2", variant="small", overrides=["method.queue_size=16", "optim.batch_size=8"]))
+        assert not any(isinstance(mod, SplitBatchNorm) for mod in m.modules())  # real shuffle-BN instead
+        assert same_everywhere(m.queue)
+        torch.manual_seed(0)  # identical weights, as DDP would make them
+        m = build_method(load_recipe("moco_v2", variant="small", overrides=["method.queue_size=16", "optim.batch_size=8"]))
+        torch.manual_seed(100 + rank)
+        m.training_step([torch.randn(b, 3, 16, 16), torch.randn(b, 3, 16, 16)])
+        assert int(m.queue_ptr) == n and same_everywhere(m.queue)
+
+        # AdCo: positive at the GLOBAL index; the bank step averages over ranks, so it equals the
+        # one-process step on the whole batch, and the bank stays identical on every rank
+        torch.manual_seed(rank)
+        a = build_method(load_recipe("adco", variant="small", overrides=["method.bank_size=16"]))
+        assert same_everywhere(a.bank)
+        bank0 = a.bank.clone()
+        q_all = F.normalize(torch.randn(n, 128, generator=g), dim=1)
+        k_all = F.normalize(torch.randn(n, 128, generator=g), dim=1)
+        loss = a.contrast(q_all[mine], k_all)
+        torch.testing.assert_close(dist.all_reduce_mean(loss.detach().clone()),
+                                   info_nce_global(q_all, k_all, bank0, 0.12, torch.arange(n)))
+        a.after_optimizer_step(Progress(0, 1, 0, 1))
+        assert same_everywhere(a.bank)
+        one = bank_gradient(q_all, keys_and_bank_similarities(q_all, k_all, bank0), bank0, 0.02)
+        torch.testing.assert_close(a.bank, bank0 - 3.0 * (-one + 1e-4 * bank0), rtol=1e-4, atol=1e-5)
+
+        # ad_init runs outside DDP: its gradients are averaged by hand, so the ranks stay identical
+        torch.manual_seed(0)
+        a = build_method(load_recipe("adco", variant="small", overrides=["method.bank_size=16", "optim.batch_size=8"]))
+        torch.manual_seed(100 + rank)
+        assert a.setup(iter([[torch.randn(b, 3, 16, 16) for _ in range(2)] for _ in range(3)])) == 2
+        assert same_everywhere(a.bank) and same_everywhere(torch.cat([p.flatten() for p in a.parameters()]))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_shuffle_bn_gather_with_grad_queue_and_bank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)

@@ -127,6 +127,9 @@ class AdCo(QueryKeyMethod):
             loss = info_nce(q, self.local(k_all), F.normalize(self.bank, dim=0), self.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p in self.trainable_parameters():  # setup runs outside DDP: average by hand
+                if p.grad is not None:
+                    dist.all_reduce_mean(p.grad)
             optimizer.step()
             n = min(k_all.shape[0], size - filled)
             self.bank[:, filled : filled + n] = k_all[:n].T.float()

@@ -73,6 +73,13 @@ class MoCo(QueryKeyMethod):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("info_nce",))
         dim, size = int(cfg["head"]["projector_dim"]), int(cfg["method"]["queue_size"])
+        per_step = int(cfg["optim"]["batch_size"]) * (2 if self.symmetric else 1)  # keys enqueued per step
+        if size % per_step:
+            raise UserError(
+                f"method.queue_size = {size} must be a multiple of the keys enqueued per step, {per_step} "
+                f"(optim.batch_size{' x 2 for the symmetric loss' if self.symmetric else ''}); "
+                f"e.g. --set method.queue_size={max(per_step, size // per_step * per_step)}"
+            )
         queue = dist.broadcast(F.normalize(torch.randn(dim, size), dim=0))  # same queue on every rank
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -100,12 +107,7 @@ class MoCo(QueryKeyMethod):
     def enqueue(self, keys_all: torch.Tensor) -> None:
         """FIFO: write the global keys into columns [ptr, ptr + N) and advance the pointer."""
         n, size = keys_all.shape[0], self.queue.shape[1]
-        if size % n:
-            raise UserError(
-                f"method.queue_size = {size} must be divisible by the keys enqueued per step ({n}: "
-                f"the global batch{', x2 for symmetric' if self.symmetric else ''}); "
-                f"set --set method.queue_size={max(n, size // n * n)} or change optim.batch_size"
-            )
+        assert size % n == 0, f"queue of {size} does not hold whole batches of {n} keys"
         ptr = int(self.queue_ptr)
         self.queue[:, ptr : ptr + n] = keys_all.T.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + n) % size)
