@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -231,14 +232,27 @@ class ShardDataset(IterableDataset):
             role = (worker + start_batch) % workers
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{role}")
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng)
+        base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
         for i, sample in enumerate(samples):
             if i < done:
                 continue  # consumed before the interruption: skipped before decoding
             img, label = decode(sample, rgb=self.rgb)
             image = pil_to_tensor(img) if self.output == "tensor" else img
             if self.transform is not None:
-                image = self.transform(image)
+                image = _seeded(self.transform, image, base + i, keep_rng=info is None)
             yield (image, label, sample["__key__"]) if self.return_key else (image, label)
+
+
+def _seeded(transform: Callable, image, seed: int, keep_rng: bool):
+    """transform(image) with torch's RNG seeded by the sample's (seed, epoch, position), so the
+    augmentation is the same after a mid-epoch resume and in whichever worker draws it (exact
+    resume, sslctl/train.py). In the main process (workers=0) the training's RNG stream is kept."""
+    if not keep_rng:
+        torch.manual_seed(seed % 2**32)
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % 2**32)
+        return transform(image)
 
 
 class ShardLoader:

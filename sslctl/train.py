@@ -394,13 +394,18 @@ class Engine:
         """This epoch's view batches on the device, from batch `start` on (the loader skips the
         earlier ones without decoding them).
 
-        The main process's RNGs are put back after the loader starts, so starting an iterator
-        (which may draw worker base seeds) never shifts the training's random stream."""
+        The main process's RNGs are put back after every fetch, so the loader (which draws worker
+        base seeds when its iterator starts, and augments in this process with workers=0) never
+        shifts the training's random stream: a resumed run draws exactly what the original did."""
         self.loader.set_epoch(epoch, start)
-        saved = ckpt.rng_state()
         it = iter(self.loader)
-        ckpt.set_rng_state(saved)
-        for views, _labels in it:
+        while True:
+            saved = ckpt.rng_state()
+            batch = next(it, None)
+            ckpt.set_rng_state(saved)
+            if batch is None:
+                return
+            views, _labels = batch
             yield [v.to(self.device, non_blocking=True, memory_format=self._memory_format(v)) for v in views]
 
     def _memory_format(self, v: torch.Tensor) -> torch.memory_format:
