@@ -1,0 +1,170 @@
+"""sslctl.data: manifests, stored order, exactly-once epochs across ranks x workers, equal
+lengths on every rank, deterministic (seed, epoch) order, mid-epoch resume, image options."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from sslctl.data import ShardDataset, iter_shard, load_manifest, make_loader, split_shards
+from sslctl.errors import UserError
+from sslctl.shard import Options, shard
+from sslctl.sources import read_idx
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, mini_idx) -> Path:
+    """Embedded Fashion-MNIST: train 5000 in 8 uneven shards (7 x 700 + 100), test 1000 in one."""
+    out = tmp_path_factory.mktemp("data") / "shards"
+    shard(mini_idx, out, options=Options(max_count=700), workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory, mini_idx) -> Path:
+    root = tmp_path_factory.mktemp("unlabelled")
+    images = read_idx(mini_idx / "t10k-images-idx3-ubyte.gz")
+    (root / "src").mkdir()
+    for i in range(20):
+        Image.fromarray(images[i]).save(root / "src" / f"{i}.png")
+    return shard(root / "src", root / "shards", workers=1).parent
+
+
+def _keys(dataset: ShardDataset, workers: int) -> list[str]:
+    loader = DataLoader(dataset, batch_size=50, num_workers=workers)  # batches: less IPC, same keys
+    return [key for _, _, keys in loader for key in keys]
+
+
+def test_load_manifest_accepts_dir_or_file_and_rejects_others(shards, tmp_path):
+    by_dir, by_file = load_manifest(shards), load_manifest(shards / "manifest.json")
+    assert by_dir == by_file and by_dir["path"] == str((shards / "manifest.json").resolve())
+    with pytest.raises(UserError, match=str(tmp_path / "manifest.json")):
+        load_manifest(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_manifest(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(UserError, match="not an sslctl shards manifest"):
+        load_manifest(tmp_path / "other.json")
+
+
+def test_split_shards_and_iter_shard_follow_stored_order(shards):
+    manifest = load_manifest(shards)
+    paths = split_shards(shards, "train")
+    assert [p.name for p in paths] == [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [700] * 7 + [100]
+    with pytest.raises(UserError, match="no split 'val'"):
+        split_shards(manifest, "val")
+    import tarfile
+
+    with tarfile.open(paths[0]) as tar:
+        stored = list(dict.fromkeys(m.name.split(".")[0] for m in tar))
+    assert [key for key, _, _ in iter_shard(paths[0])] == stored
+    # one rank, one worker, no shuffle: exactly the manifest's order
+    dataset = ShardDataset(shards, "train", return_key=True, rank=0, world_size=1)
+    assert [k for _, _, k in dataset] == [k for p in paths for k, _, _ in iter_shard(p)]
+
+
+@pytest.mark.parametrize("split, buffer", [("train", 0), ("train", 300), ("test", 100)])
+def test_each_sample_exactly_once_across_2_ranks_x_2_workers(shards, split, buffer):
+    """8 uneven shards (train) and a single shard (test: fewer shards than ranks x workers)."""
+    total = load_manifest(shards)["splits"][split]["count"]
+    seen: Counter = Counter()
+    lengths = []
+    for rank in range(2):
+        dataset = ShardDataset(shards, split, shuffle_buffer=buffer, seed=5, rank=rank, world_size=2, return_key=True)
+        dataset.set_epoch(3)
+        keys = _keys(dataset, workers=2)
+        assert len(keys) == len(dataset)  # __len__ is what this rank yields
+        lengths.append(len(dataset))
+        seen.update(keys)
+    assert len(seen) == total and set(seen.values()) == {1}
+    assert lengths == [total // 2, total - total // 2]
+
+
+def test_order_is_a_function_of_seed_and_epoch(shards):
+    def order(seed, epoch, workers=2):
+        dataset = ShardDataset(shards, "train", shuffle_buffer=500, seed=seed, rank=1, world_size=2, return_key=True)
+        dataset.set_epoch(epoch)
+        return _keys(dataset, workers)
+
+    first = order(0, 0)
+    assert order(0, 0) == first  # reproducible
+    assert order(0, 1) != first and sorted(order(0, 1)) != sorted(first)  # shards move between ranks
+    assert order(1, 0) != first
+    # every epoch is still a partition: rank 0 + rank 1 = everything, once
+    for epoch in (0, 1):
+        other = ShardDataset(shards, "train", shuffle_buffer=500, seed=0, rank=0, world_size=2, return_key=True)
+        other.set_epoch(epoch)
+        both = Counter(order(0, epoch)) + Counter(_keys(other, 2))
+        assert len(both) == 5000 and set(both.values()) == {1}
+
+
+def test_loader_len_is_equal_on_every_rank_and_batches_are_disjoint(shards):
+    batch, seen = 96, Counter()
+    for rank in range(2):
+        loader = make_loader(shards, "train", batch_size=batch, workers=2, rank=rank, world_size=2, seed=1, rgb=False)
+        loader.dataset.return_key = True
+        loader.set_epoch(0)
+        batches = list(loader)
+        assert len(loader) == 5000 // (batch * 2) == len(batches) == 26
+        for images, labels, keys in batches:
+            assert images.shape == (batch, 1, 28, 28) and images.dtype == torch.uint8 and labels.shape == (batch,)
+            seen.update(keys)
+    assert len(seen) == 26 * batch * 2 and set(seen.values()) == {1}
+    # drop_last=False: every sample, the last batch partial
+    loader = make_loader(shards, "test", batch_size=300, workers=2, shuffle=False, drop_last=False, rank=0, world_size=1)
+    sizes = [len(labels) for _, labels in loader]
+    assert len(loader) == 4 and sorted(sizes) == [100, 300, 300, 300]
+
+
+def test_set_epoch_reaches_persistent_workers_and_start_batch_resumes_exactly(shards):
+    loader = make_loader(shards, "train", batch_size=64, workers=2, seed=2, rank=0, world_size=1, shuffle_buffer=200)
+    epochs = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        epochs.append([labels.clone() for _, labels in loader])
+    assert all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[1]))
+
+    full = []
+    loader.set_epoch(4)
+    full = [(images.clone(), labels.clone()) for images, labels in loader]
+    for start in (1, 5, 10):  # odd and even: the batch that resumes is on either worker
+        loader.set_epoch(4, start_batch=start)
+        resumed = list(loader)
+        assert len(resumed) == len(full) - start
+        for (xa, ya), (xb, yb) in zip(full[start:], resumed):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_image_options(shards, unlabelled):
+    image, label = next(iter(ShardDataset(shards, "test", rank=0, world_size=1)))
+    assert image.shape == (1, 28, 28) and image.dtype == torch.uint8 and 0 <= label < 10
+    rgb, _ = next(iter(ShardDataset(shards, "test", rgb=True, rank=0, world_size=1)))
+    assert rgb.shape == (3, 28, 28) and torch.equal(rgb[0], image[0]) and torch.equal(rgb[2], image[0])
+    pil, _ = next(iter(ShardDataset(shards, "test", output="pil", rank=0, world_size=1)))
+    assert isinstance(pil, Image.Image) and pil.mode == "L"
+    assert torch.equal(torch.tensor(np.asarray(pil))[None], image)
+    labels = [label for _, label in ShardDataset(unlabelled, "train", rank=0, world_size=1)]
+    assert labels == [-1] * 20
+
+    def two_views(x):
+        return [x.float() / 255, x.flip(-1).float() / 255]
+
+    loader = make_loader(shards, "test", batch_size=50, transform=two_views, workers=0, rank=0, world_size=1)
+    views, labels = next(iter(loader))
+    assert isinstance(views, list) and len(views) == 2 and views[0].shape == (50, 3, 28, 28)
+    assert torch.equal(views[1], views[0].flip(-1))
+
+
+def test_loader_refuses_a_batch_larger_than_the_split(shards):
+    with pytest.raises(UserError, match="fewer than one batch"):
+        make_loader(shards, "test", batch_size=600, rank=0, world_size=2, workers=0)
