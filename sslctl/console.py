@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # no hard wraps: paths stay copyable in logs
 _quiet = bool(os.environ.get("SSLCTL_QUIET"))
 
 
