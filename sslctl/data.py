@@ -17,7 +17,6 @@ buffer (webdataset's) before decoding, seeded by (seed, epoch, rank, worker).
 from __future__ import annotations
 
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -34,43 +33,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 from sslctl.errors import UserError
+from sslctl.shard import load_manifest, split_shards  # the manifest format lives with its writer
 from sslctl.sources import standard_mode
 
-FORMAT, VERSION, MANIFEST = "sslctl-shards", 1, "manifest.json"
+__all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "decode"]
+
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-
-
-def load_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a shards directory (or of the manifest file itself).
-
-    Adds "path": the absolute path of manifest.json, so the shards can be found beside it."""
-    path = Path(path)
-    file = path / MANIFEST if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{file}: no shards manifest here; make one with `sslctl shard SRC OUT` and pass OUT")
-    try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{file}: not valid JSON ({err}); was it written by `sslctl shard`?") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{file}: not an sslctl shards manifest (expected \"format\": \"{FORMAT}\")")
-    if manifest.get("version") != VERSION:
-        raise UserError(f"{file}: shards format version {manifest.get('version')}, this sslctl reads {VERSION}; reshard")
-    manifest["path"] = str(file.resolve())
-    return manifest
-
-
-def _manifest(manifest_or_path) -> dict:
-    return manifest_or_path if isinstance(manifest_or_path, dict) else load_manifest(manifest_or_path)
-
-
-def split_shards(manifest_or_path, split: str) -> list[Path]:
-    """The tar files of `split`, in stored order."""
-    manifest = _manifest(manifest_or_path)
-    if split not in manifest["splits"]:
-        raise UserError(f"{manifest['path']}: no split {split!r}; it has {', '.join(manifest['splits']) or 'none'}")
-    root = Path(manifest["path"]).parent
-    return [root / s["name"] for s in manifest["splits"][split]["shards"]]
 
 
 def _tar_files(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
@@ -152,7 +120,7 @@ class ShardDataset(IterableDataset):
             raise UserError(f"output={output!r}: expected 'tensor' or 'pil'")
         from sslctl import distributed
 
-        self.manifest = _manifest(shards)
+        self.manifest = shards if isinstance(shards, dict) else load_manifest(shards)
         self.paths = split_shards(self.manifest, split)
         self.counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
         self.total = sum(self.counts)

@@ -47,7 +47,7 @@ def _describe_shards(path: Path) -> Description | None:
         return None
     from rich.table import Table
 
-    from sslctl.data import load_manifest
+    from sslctl.shard import load_manifest
 
     m = load_manifest(file)
     classes = m["classes"]
@@ -83,15 +83,19 @@ def _describe_shards(path: Path) -> Description | None:
 # ---------------------------------------------------------------- safetensors: encoder, features
 
 def _safetensors_header(path: Path) -> tuple[dict, dict] | None:
-    """(metadata, {tensor: shape}) from the header alone; None if not a safetensors file."""
+    """(metadata, {tensor: shape}) from the file's JSON header alone (8-byte little-endian length,
+    then JSON), without loading torch or any tensor; None if not a .safetensors file."""
     if not (path.is_file() and path.suffix == ".safetensors"):
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for a malformed header
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(path.stat().st_size - 8, 100 * 2**20):
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None) or {}
+        return meta, {name: list(t["shape"]) for name, t in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
 
 
@@ -129,10 +133,10 @@ def _describe_features(path: Path) -> Description | None:
         if what == "features":
             splits.setdefault(split, {})["n"], splits.setdefault(split, {})["dim"] = shape[0], shape[1] if len(shape) > 1 else 1
     decoded = {k: _maybe_json(v) for k, v in meta.items() if k != "format"}
-    summary = {"kind": "features", "path": str(path.resolve()), "splits": splits,
-               **{k: v for k, v in decoded.items() if k != "provenance"}}
+    summary = {"kind": "features", "path": str(path.resolve()),
+               **{k: v for k, v in decoded.items() if k != "provenance"}, "splits": splits}
     rows = [(f"split {s}", f"{v['n']:,} x {v['dim']}") for s, v in splits.items()]
-    rows += [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in decoded.items() if k != "provenance"]
+    rows += [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in decoded.items() if k not in ("provenance", "splits")]
     rows += _provenance_rows(decoded.get("provenance") or {})
     return Description("features", summary, rows)
 

@@ -65,6 +65,38 @@ def parse_size(text: str | int) -> int:
     return int(float(m[1]) * 1024 ** "_kmgt".index(m[2] or "_"))
 
 
+# ---------------------------------------------------------------- reading the manifest
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a shards directory (or of the manifest file itself).
+
+    Adds "path": the absolute path of manifest.json, so the shards can be found beside it."""
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file}: no shards manifest here; make one with `sslctl shard SRC OUT` and pass OUT")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{file}: not valid JSON ({err}); was it written by `sslctl shard`?") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{file}: not an sslctl shards manifest (expected \"format\": \"{FORMAT}\")")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{file}: shards format version {manifest.get('version')}, this sslctl reads {VERSION}; reshard")
+    manifest["path"] = str(file.resolve())
+    return manifest
+
+
+def split_shards(manifest_or_path, split: str) -> list[Path]:
+    """The tar files of `split`, in stored order."""
+    manifest = manifest_or_path if isinstance(manifest_or_path, dict) else load_manifest(manifest_or_path)
+    if split not in manifest["splits"]:
+        raise UserError(f"{manifest['path']}: no split {split!r}; it has {', '.join(manifest['splits']) or 'none'}")
+    root = Path(manifest["path"]).parent
+    return [root / s["name"] for s in manifest["splits"][split]["shards"]]
+
+
+
 # ---------------------------------------------------------------- the worker side
 
 def _prepare(task: tuple[list, int | None, str]) -> list[tuple]:
