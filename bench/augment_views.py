@@ -58,9 +58,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gray = fmnist(args.images)
     colour = torch.cat([gray, (gray.float() * 0.6).to(torch.uint8), (gray.float() * 0.3 + 40).to(torch.uint8)], 1)
-    big = torch.randint(0, 256, (max(args.batch, 64), 3, 256, 256), dtype=torch.uint8)
+    big = torch.randint(0, 256, (args.batch, 3, 256, 256), dtype=torch.uint8)
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, {args.threads} CPU thread(s), batch {args.batch}" + (f", GPU {torch.cuda.get_device_name()}" if cuda else ""))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"torch {torch.__version__}, {cpu}, {args.threads} CPU thread(s), batch {args.batch}" + (f", GPU {torch.cuda.get_device_name()}" if cuda else ""))
     print()
     print("| recipe (variant) | input | views | per-sample img/s | batched CPU img/s | batched CUDA img/s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
@@ -73,7 +74,7 @@ def main() -> None:
         for cfg, images, label in [(small, gray, "28 px gray"), (small, colour, "28 px RGB"), (full, big, "256 px RGB")]:
             aug = cfg["augment"]
             per_sample, batched = build_views(aug, MEAN, STD), BatchViews(aug, MEAN, STD)
-            n = min(len(images), 64 if label.startswith("256") else len(images))
+            n = min(len(images), 16 if label.startswith("256") else 512)
             sample_s = timed(lambda: [per_sample(x) for x in images[:n]], args.repeats) / n
             batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
             cpu_s = timed(lambda: [batched(b) for b in batches], args.repeats) / len(images)

@@ -71,7 +71,8 @@ def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: Sequence[floa
 
 def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop box b of image b and resize it to size x size: (B, C, H, W) float -> (B, C, size, size)."""
-    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype).unsqueeze(1), boxes], dim=1).to(x.device)
+    index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype).unsqueeze(1)
+    rois = torch.cat([index, boxes], dim=1)
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -83,7 +84,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1)
+    return v.to(x.dtype).view(-1, 1, 1, 1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor, additive: bool = False) -> torch.Tensor:
@@ -114,11 +115,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc)) / 6.0
     h = torch.where(d > 0, h, torch.zeros_like(h))
-    h = torch.remainder(h + shift.to(x.device, x.dtype).view(-1, 1, 1), 1.0)
+    h = torch.remainder(h + shift.to(x.dtype).view(-1, 1, 1), 1.0)
     s = d / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     v = maxc
     # HSV -> RGB: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
@@ -128,7 +129,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     B, C, H, W = x.shape
     half = (kernel - 1) / 2
     t = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.device, x.dtype).view(-1, 1)) ** 2)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, kernel)
     pad = kernel // 2
     y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
@@ -137,12 +138,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     return y.view(B, C, H, W)
 
 
-def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.to(a.device, non_blocking=True).view(-1, 1, 1, 1), a, b)
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU -> device without making the host wait for the GPU: pinned memory, async copy."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _BatchView:
-    """One view's ops, batched: uint8-valued float batch in [0, 1] -> augmented batch in [0, 1]."""
+    """One view's ops, batched. `sample` draws every random parameter on the CPU; `apply` runs
+    the ops on the batch's device with those parameters (no host-device sync on a GPU)."""
 
     def __init__(self, cfg: dict, where: str):
         cfg = {**OPTIONAL, **cfg}
@@ -150,66 +155,87 @@ class _BatchView:
         self.cfg = cfg
         self.size = int(cfg["crop_size"])
         self.kernel = blur_kernel_size(self.size)
+        self.jitter = [float(v) for v in cfg["jitter"]]
+        self.additive = cfg["jitter_brightness"] == "additive"
 
-    def __call__(self, x: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-        c, n = self.cfg, x.shape[0]
-        x = resized_crops(x, crop_boxes(heights, widths, c["crop_scale"], c["crop_ratio"]), self.size)
-        if int(c["translate"]) > 0 and float(c["translate_p"]) > 0:
-            x = self._translate(x, int(c["translate"]), _rand(n) < float(c["translate_p"]))
+    def sample(self, heights: torch.Tensor, widths: torch.Tensor) -> dict:
+        """Random parameters for each image (CPU tensors), in a fixed order of draws."""
+        c, n = self.cfg, heights.numel()
+        p: dict = {"boxes": crop_boxes(heights, widths, c["crop_scale"], c["crop_ratio"])}
+        t = int(c["translate"])
+        if t > 0 and float(c["translate_p"]) > 0:
+            apply = _rand(n) < float(c["translate_p"])
+            shift = torch.where(apply.unsqueeze(1), torch.randint(0, 2 * t + 1, (n, 2)), torch.full((n, 2), t))
+            p["rows"] = shift[:, :1] + torch.arange(self.size)  # (n, size) rows of the padded view
+            p["cols"] = shift[:, 1:] + torch.arange(self.size)
         if float(c["flip_p"]) > 0 and not c["shared_flip"]:
-            x = _where(_rand(n) < float(c["flip_p"]), x.flip(-1), x)
-        if any(float(j) > 0 for j in c["jitter"]) and float(c["jitter_p"]) > 0:
-            x = self._jitter(x, _rand(n) < float(c["jitter_p"]))
-        if float(c["grayscale_p"]) > 0 and x.shape[1] == 3:
-            x = _where(_rand(n) < float(c["grayscale_p"]), _gray(x).expand_as(x), x)
+            p["flip"] = _rand(n) < float(c["flip_p"])
+        if any(v > 0 for v in self.jitter) and float(c["jitter_p"]) > 0:
+            p["jitter"] = self._sample_jitter(n, _rand(n) < float(c["jitter_p"]))
+        if float(c["grayscale_p"]) > 0:
+            p["gray"] = _rand(n) < float(c["grayscale_p"])
         if float(c["blur_p"]) > 0 and self.kernel > 1:
-            blur = _rand(n) < float(c["blur_p"])
-            lo, hi = (float(s) for s in c["blur_sigma"])
-            x = _where(blur, gaussian_blur(x, _uniform(n, lo, hi), self.kernel), x)
+            p["blur"] = _rand(n) < float(c["blur_p"])
+            p["sigma"] = _uniform(n, *(float(s) for s in c["blur_sigma"]))
         if float(c["solarize_p"]) > 0:
-            x = _where(_rand(n) < float(c["solarize_p"]), torch.where(x >= 0.5, 1.0 - x, x), x)
-        return x
+            p["solarize"] = _rand(n) < float(c["solarize_p"])
+        return p
 
-    def _jitter(self, x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-        """Four ops in a random order per image; images not jittered get identity factors."""
-        n = x.shape[0]
-        b, c, s, h = (float(v) for v in self.cfg["jitter"])
-        additive = self.cfg["jitter_brightness"] == "additive"
-        idle = ~apply
+    def _sample_jitter(self, n: int, apply: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Four ops in a random order per jittered image -> (op, image indices, factors) in the
+        order to run them: slot by slot, each op on the images that have it in that slot."""
+        b, c, s, h = self.jitter
         factors = [
-            torch.where(idle, 0.0 if additive else 1.0, _uniform(n, -b, b) if additive else _uniform(n, max(0.0, 1 - b), 1 + b)),
-            torch.where(idle, 1.0, _uniform(n, max(0.0, 1 - c), 1 + c)),
-            torch.where(idle, 1.0, _uniform(n, max(0.0, 1 - s), 1 + s)),
-            torch.where(idle, 0.0, _uniform(n, -h, h)),
-        ]
-        ops = [
-            (b > 0, lambda y, f: adjust_brightness(y, f, additive)),
-            (c > 0, adjust_contrast),
-            (s > 0 and x.shape[1] == 3, adjust_saturation),
-            (h > 0 and x.shape[1] == 3, adjust_hue),
+            _uniform(n, -b, b) if self.additive else _uniform(n, max(0.0, 1 - b), 1 + b),
+            _uniform(n, max(0.0, 1 - c), 1 + c),
+            _uniform(n, max(0.0, 1 - s), 1 + s),
+            _uniform(n, -h, h),
         ]
         order = torch.argsort(_rand(n, 4), dim=1)  # a random permutation per image
+        steps = []
         for slot in range(4):
-            for op, (active, fn) in enumerate(ops):
-                if not active:
-                    continue
-                idx = (order[:, slot] == op).nonzero().squeeze(1)
-                if len(idx):
-                    dev_idx = idx.to(x.device, non_blocking=True)
-                    x[dev_idx] = fn(x[dev_idx], factors[op][idx])
+            for op in range(4):
+                if self.jitter[op] > 0:
+                    idx = ((order[:, slot] == op) & apply).nonzero().squeeze(1)
+                    if len(idx):
+                        steps.append((op, idx, factors[op][idx]))
+        return steps
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """Float batch in [0, 1] (B, C, H, W) -> this view (B, C, size, size) in [0, 1]."""
+        dev = x.device
+        x = resized_crops(x, _to(p["boxes"], dev), self.size)
+        if "rows" in p:
+            x = _translate(x, int(self.cfg["translate"]), _to(p["rows"], dev), _to(p["cols"], dev))
+        if "flip" in p:
+            x = _where(_to(p["flip"], dev), x.flip(-1), x)
+        for op, idx, factor in p.get("jitter", []):
+            if op == 0:
+                fn = lambda y, f: adjust_brightness(y, f, self.additive)  # noqa: E731
+            else:
+                fn = (None, adjust_contrast, adjust_saturation, adjust_hue)[op]
+            if x.shape[1] == 3 or op < 2:  # saturation and hue leave a gray image as it is
+                i = _to(idx, dev)
+                x[i] = fn(x[i], _to(factor, dev))
+        if "gray" in p and x.shape[1] == 3:
+            x = _where(_to(p["gray"], dev), _gray(x).expand_as(x), x)
+        if "blur" in p:
+            x = _where(_to(p["blur"], dev), gaussian_blur(x, _to(p["sigma"], dev), self.kernel), x)
+        if "solarize" in p:
+            x = _where(_to(p["solarize"], dev), torch.where(x >= 0.5, 1.0 - x, x), x)
         return x
 
-    @staticmethod
-    def _translate(x: torch.Tensor, t: int, apply: torch.Tensor) -> torch.Tensor:
-        """Shift by up to +-t px with reflect padding (RandomCrop(size, padding=t, 'reflect'))."""
-        n, _, H, W = x.shape
-        padded = F.pad(x, (t, t, t, t), mode="reflect")
-        dy = torch.where(apply, torch.randint(0, 2 * t + 1, (n,)), torch.full((n,), t))
-        dx = torch.where(apply, torch.randint(0, 2 * t + 1, (n,)), torch.full((n,), t))
-        rows = (dy.view(-1, 1) + torch.arange(H)).to(x.device)  # (n, H)
-        cols = (dx.view(-1, 1) + torch.arange(W)).to(x.device)  # (n, W)
-        b = torch.arange(n, device=x.device).view(-1, 1, 1)
-        return padded.permute(0, 2, 3, 1)[b, rows.view(n, H, 1), cols.view(n, 1, W)].permute(0, 3, 1, 2)
+
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+
+
+def _translate(x: torch.Tensor, t: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Shift by up to +-t px with reflect padding (RandomCrop(size, padding=t, 'reflect'))."""
+    n, _, H, W = x.shape
+    padded = F.pad(x, (t, t, t, t), mode="reflect").permute(0, 2, 3, 1)
+    b = torch.arange(n, device=x.device).view(-1, 1, 1)
+    return padded[b, rows.view(n, H, 1), cols.view(n, 1, W)].permute(0, 3, 1, 2)
 
 
 class BatchViews:
@@ -220,18 +246,21 @@ class BatchViews:
         cfgs = view_configs(aug_cfg)
         self.views = [_BatchView(c, w) for c, w in zip(cfgs, view_names(aug_cfg))]
         self.shared_flip_p = float(cfgs[0]["flip_p"]) if cfgs[0].get("shared_flip") else 0.0
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean_std = torch.tensor([list(mean), list(std)], dtype=torch.float32).view(2, 1, 3, 1, 1)
         self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         x, heights, widths = self._batch(images)
-        if self.shared_flip_p:
-            x = _where(_rand(len(x)) < self.shared_flip_p, x.flip(-1), x)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        dev = x.device
+        # every random draw first, on the CPU, in a fixed order: a seed gives the same views on any device
+        flip = _rand(len(x)) < self.shared_flip_p if self.shared_flip_p else None
+        params = [view.sample(heights, widths) for view in self.views]
+        if flip is not None:
+            x = _where(_to(flip, dev), x.flip(-1), x)
+        mean, std = _to(self.mean_std, dev)
         out = []
-        for view in self.views:
-            v = view(x, heights, widths)
+        for view, p in zip(self.views, params):
+            v = view.apply(x, p)
             v = ((v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v) - mean) / std
             out.append(v.contiguous(memory_format=torch.channels_last) if self.channels_last else v)
         return out
