@@ -1,0 +1,59 @@
+"""`sslctl embed`: frozen encoder + shards -> features file; prints FEATS on stdout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def command(
+    encoder: str = typer.Argument(
+        ..., help="Run directory, encoder.safetensors, or a torchvision model name with --weights random; "
+        "'-': read the path from stdin (`sslctl pretrain ... | sslctl embed - SHARDS`)."
+    ),
+    shards: Path = typer.Argument(..., help="Shards directory or its manifest.json (what `sslctl shard` printed)."),
+    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to embed (repeatable) [default: every split of the shards]."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Features file [default: RUN/features.safetensors (-projector, -random suffixes); "
+        "for a model name ./features-NAME-random.safetensors]."
+    ),
+    layer: str = typer.Option("backbone", "--layer", help="backbone (pooled encoder output, PROTOCOLS.md E1) or projector (needs a run directory)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="random: a seeded random initialisation of the architecture (the floor)."),
+    small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="For a model name: the 3x3 stride-1 CIFAR stem [default: off]."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Resize + center crop to N px [default: the encoder's; model name: 32 with --small-stem, else 224]."),
+    normalize: str = typer.Option("auto", "--normalize", help="auto (the encoder's own, else the shards' mean/std), encoder, manifest or imagenet."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA and CPUs with native bf16]."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format [default: on]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes; each takes whole shards [default: cores - 1]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --weights random."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (warnings and errors still show)."),
+) -> None:
+    """Embed shards with a frozen encoder (eval mode, evaluation transform); print FEATS.
+
+    FEATS is one safetensors file with SPLIT.features (N x D) and SPLIT.labels per split, rows
+    in the shards' order. An interrupted run continues where it stopped (rerun the command).
+
+    Examples:
+
+        sslctl embed runs/moco shards/fmnist | sslctl knn
+
+        sslctl embed resnet18 shards/fmnist --weights random --small-stem --out floor.safetensors
+    """
+    from sslctl import console
+    from sslctl.artifacts import path_from_stdin_or_arg
+    from sslctl.embed import embed
+
+    console.set_quiet(quiet)
+    if encoder == "-":
+        encoder = str(path_from_stdin_or_arg(None, "encoder (a run directory from `sslctl pretrain`)"))
+    feats = embed(
+        encoder, shards, splits=split, out=out, layer=layer, weights=weights, small_stem=small_stem,
+        input_size=input_size, normalize=normalize, batch_size=batch_size, device=device, dtype=dtype, bf16=bf16,
+        channels_last=channels_last, workers=workers, seed=seed,
+    )
+    print(feats)
