@@ -44,3 +44,12 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 600, env: dic
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def mini_shards(tmp_path_factory) -> Path:
+    """The embedded 5,000 + 1,000 Fashion-MNIST subset as shards (`sslctl shard`), once per session."""
+    out = tmp_path_factory.mktemp("mini-shards") / "shards"
+    done = run_cli("shard", str(EMBEDDED_DATASET), str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    return out
