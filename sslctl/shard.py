@@ -99,30 +99,45 @@ def split_shards(manifest_or_path, split: str) -> list[Path]:
 
 # ---------------------------------------------------------------- the worker side
 
-def _prepare(task: tuple[list, int | None, str]) -> list[tuple]:
-    """Read, verify and (if asked) re-encode a chunk of items, in a pool worker.
-
-    Each result is ("ok", ext, bytes, (h, w), channels, sums, sumsqs, pixels) or ("skip", reason).
-    Statistics are exact integers, so their total does not depend on how work was chunked."""
-    payloads, max_side, fmt = task
-    return [_prepare_one(p, max_side, fmt) for p in payloads]
+STATS_SAMPLE = 2_000  # image files per split decoded for mean/std: a seeded random sample (arrays: all)
 
 
-def _prepare_one(payload, max_side: int | None, fmt: str) -> tuple:
+def _prepare(task: tuple[list, int, int | None, str]) -> list[tuple]:
+    """Read, verify, (if asked) re-encode and tar-encode a chunk of (key, label, payload), in a
+    pool worker: the main process only appends the returned tar members to the shard.
+
+    Each result is ("ok", tar members, (h, w), channels, moments) or ("skip", reason); the
+    first `decode` items of the chunk are fully decoded for their pixel moments."""
+    items, decode, max_side, fmt = task
+    results = []
+    for i, (key, label, payload) in enumerate(items):
+        result = _prepare_one(payload, i < decode, max_side, fmt)
+        if result[0] == "ok":
+            _, ext, data, *info = result
+            result = ("ok", _tar_members(key, ext, data, label), *info)
+        results.append(result)
+    return results
+
+
+def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str) -> tuple:
     data, original = None, None
     if isinstance(payload, np.ndarray):
         img = Image.fromarray(payload)
     else:
         try:
-            data = Path(payload).read_bytes()
+            with open(payload, "rb") as f:
+                data = f.read()
         except OSError as err:
             return ("skip", f"unreadable: {err.strerror or err}")
         if not data:
             return ("skip", "empty file (0 bytes)")
+        header = _complete_header(data)
+        if header and not decode and fmt in ("keep", header[0]) and (not max_side or max(header[1]) <= max_side):
+            return ("ok", header[0], data, header[1], header[2], None)  # pass-through, verified by its structure
         try:
             img = Image.open(io.BytesIO(data))
             original = img.format
-            img.load()  # a full decode: the only way to catch a truncated file
+            img.load()  # a full decode catches what the structure check cannot tell
         except UnidentifiedImageError:
             return ("skip", "not an image (unrecognised file format)")
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
@@ -138,10 +153,38 @@ def _prepare_one(payload, max_side: int | None, fmt: str) -> tuple:
         buf = io.BytesIO()
         img.save(buf, name, **kwargs)
         data = buf.getvalue()
-    pixels = np.asarray(img).reshape(img.height * img.width, -1).astype(np.int64)
-    sums = [int(s) for s in pixels.sum(0)]
-    sumsqs = [int(s) for s in (pixels * pixels).sum(0)]
-    return ("ok", ext, data, (img.height, img.width), pixels.shape[1], sums, sumsqs, len(pixels))
+    return ("ok", ext, data, (img.height, img.width), len(img.getbands()), _moments(img))
+
+
+def _moments(img: Image.Image) -> tuple[list[int], list[int], int]:
+    """Exact per-channel (sum, sum of squares, pixels) from PIL's histogram: integers, so
+    totals do not depend on how the work was chunked."""
+    hist = np.asarray(img.histogram(), np.int64).reshape(-1, 256)
+    v = np.arange(256, dtype=np.int64)
+    return (hist @ v).tolist(), (hist @ (v * v)).tolist(), int(hist[0].sum())
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _complete_header(data: bytes) -> tuple[str, tuple[int, int], int] | None:
+    """(ext, (h, w), channels) of an 8-bit JPEG or PNG that is structurally whole: its header
+    parses and it ends with its end marker (JPEG EOI, PNG IEND), which a truncated file lacks.
+    None when unsure (other formats, palettes, 16 bits, trailing bytes): then a full decode decides."""
+    if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
+        i = 2
+        while i + 9 < len(data) and data[i] == 0xFF:
+            marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker in _SOF:
+                h, w, comps = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]
+                return ("jpg", (h, w), 1 if comps == 1 else 3) if data[i + 4] == 8 and comps in (1, 3) and h and w else None
+            i += 2 + length
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[-8:] == b"IEND\xaeB`\x82":
+        w, h, depth, colour = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[24], data[25]
+        channels = {0: 1, 4: 1, 2: 3, 6: 3}.get(colour)  # gray, gray+alpha -> L; RGB, RGBA -> RGB
+        return ("png", (h, w), channels) if depth == 8 and channels and h and w else None
+    return None
 
 
 def _ordered_map(fn, tasks: list, workers: int):
@@ -162,34 +205,44 @@ def _ordered_map(fn, tasks: list, workers: int):
 # ---------------------------------------------------------------- statistics
 
 class Stats:
-    """Exact per-channel pixel sums of grayscale and colour images, and an image-size histogram."""
+    """Exact pixel moments of the decoded images (gray and colour apart), image sizes, and how
+    many images have colour (from every image's header)."""
 
     def __init__(self, d: dict | None = None):
         d = d or {}
         self.gray = d.get("gray", [0, 0, 0])  # sum, sum of squares, pixels
         self.rgb = d.get("rgb", [[0, 0, 0], [0, 0, 0], 0])
         self.sizes = collections.Counter(d.get("sizes", {}))
+        self.colour, self.decoded = d.get("colour", 0), d.get("decoded", 0)
 
-    def add(self, size, channels, sums, sumsqs, pixels) -> None:
+    def add(self, size, channels: int, moments) -> None:
+        self.sizes[f"{size[0]}x{size[1]}"] += 1
+        self.colour += channels == 3
+        if moments is None:
+            return
+        sums, sumsqs, pixels = moments
+        self.decoded += 1
         if channels == 1:
             self.gray = [self.gray[0] + sums[0], self.gray[1] + sumsqs[0], self.gray[2] + pixels]
         else:
             s, q, n = self.rgb
             self.rgb = [[a + b for a, b in zip(s, sums)], [a + b for a, b in zip(q, sumsqs)], n + pixels]
-        self.sizes[f"{size[0]}x{size[1]}"] += 1
 
     def merge(self, other: Stats) -> None:
         self.gray = [a + b for a, b in zip(self.gray, other.gray)]
         s, q, n = self.rgb
         self.rgb = [[a + b for a, b in zip(s, other.rgb[0])], [a + b for a, b in zip(q, other.rgb[1])], n + other.rgb[2]]
         self.sizes.update(other.sizes)
+        self.colour += other.colour
+        self.decoded += other.decoded
 
     def to_dict(self) -> dict:
-        return {"gray": self.gray, "rgb": self.rgb, "sizes": dict(sorted(self.sizes.items()))}
+        return {"gray": self.gray, "rgb": self.rgb, "sizes": dict(sorted(self.sizes.items())),
+                "colour": self.colour, "decoded": self.decoded}
 
     @property
     def channels(self) -> int:
-        return 3 if self.rgb[2] else 1
+        return 3 if self.colour else 1
 
     def mean_std(self, channels: int) -> tuple[list[float], list[float]]:
         """Per channel, in 0..1; grayscale images count as R = G = B in a colour dataset."""
@@ -211,66 +264,67 @@ class Stats:
 
 # ---------------------------------------------------------------- the writer side
 
-class _HashingFile:
-    """A write-only file that hashes and counts what passes through (no re-read to hash a shard)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _entry_size(n: int) -> int:
-    return _BLOCK + -(-n // _BLOCK) * _BLOCK
-
-
 def _tar_size(entries: int) -> int:
     return -(-(entries + 2 * _BLOCK) // _RECORD) * _RECORD
 
 
-class _ShardWriter:
-    """One `SPLIT-NNNNNN.tar`, written to a temp file and renamed into place when closed.
+def _header_template() -> bytes:
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o444, 0, 0, "", ""
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
 
-    Plain tarfile rather than webdataset's TarWriter: the same layout (KEY.EXT members, a
-    sample's members together, sorted by extension) without importing torch into this stage."""
+
+_TEMPLATE = _header_template()
+# Checksum of the template without its name (zeros), size and checksum (8 spaces) fields.
+_BASE_SUM = sum(_TEMPLATE[:124]) + sum(_TEMPLATE[136:148]) + 8 * 32 + sum(_TEMPLATE[156:])
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The USTAR header tarfile writes for a file with fixed metadata (mtime 0, uid/gid 0,
+    mode 0444), patched into a template: tarfile's own header code dominated the run time."""
+    name_b, size_b = name.encode("ascii"), b"%011o\0" % size
+    checksum = b"%06o\0 " % (_BASE_SUM + sum(name_b) + sum(size_b))
+    return name_b.ljust(100, b"\0") + _TEMPLATE[100:124] + size_b + _TEMPLATE[136:148] + checksum + _TEMPLATE[156:]
+
+
+def _tar_members(key: str, ext: str, data: bytes, label: int | None) -> bytes:
+    """A sample as tar members: KEY.cls (when labelled) then KEY.EXT, as webdataset's TarWriter
+    orders them, each a header plus its data padded to whole blocks."""
+    members = [(ext, data)] if label is None else [("cls", str(label).encode("ascii")), (ext, data)]
+    return b"".join(
+        _tar_header(f"{key}.{suffix}", len(payload)) + payload + b"\0" * (-len(payload) % _BLOCK)
+        for suffix, payload in members
+    )
+
+
+class _ShardWriter:
+    """One `SPLIT-NNNNNN.tar`, hashed while written to a temp file that is renamed into place on close."""
 
     def __init__(self, path: Path):
-        self.path, self.count, self.entries = path, 0, 0
+        self.path, self.count, self.bytes = path, 0, 0
         self._stack = ExitStack()
         tmp = self._stack.enter_context(atomic_path(path))
-        self._file = _HashingFile(self._stack.enter_context(open(tmp, "wb")))
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._file = self._stack.enter_context(open(tmp, "wb", buffering=1 << 20))
+        self._sha = hashlib.sha256()
         self.stats = Stats()
 
-    @staticmethod
-    def sample_size(data: bytes, label: int | None) -> int:
-        return _entry_size(len(data)) + (0 if label is None else _entry_size(len(str(label))))
+    def size_with(self, members: bytes) -> int:
+        return _tar_size(self.bytes + len(members))
 
-    def size_with(self, extra: int) -> int:
-        return _tar_size(self.entries + extra)
+    def _write(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        self._file.write(chunk)
+        self.bytes += len(chunk)
 
-    def add(self, key: str, ext: str, data: bytes, label: int | None) -> None:
-        members = {ext: data} if label is None else {"cls": str(label).encode("ascii"), ext: data}
-        for suffix in sorted(members):
-            # Fixed metadata: the bytes depend on the content alone (determinism).
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode, info.uid, info.gid = len(members[suffix]), 0, 0o444, 0, 0
-            self._tar.addfile(info, io.BytesIO(members[suffix]))
-        self.entries += self.sample_size(data, label)
+    def add(self, members: bytes) -> None:
+        """One sample's tar members (from `_tar_members`)."""
+        self._write(members)
         self.count += 1
 
     def close(self) -> dict:
-        self._tar.close()
+        self._write(b"\0" * (_tar_size(self.bytes) - self.bytes))  # end-of-archive blocks, record padding
         self._stack.close()  # fsync + rename
-        assert self._file.bytes == _tar_size(self.entries), "tar size estimate is off"
-        return {"name": self.path.name, "count": self.count, "bytes": self._file.bytes,
-                "sha256": self._file.sha.hexdigest()}
+        return {"name": self.path.name, "count": self.count, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
 
     def abort(self) -> None:
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
@@ -417,8 +471,8 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
     """Shard items[resume:] of one split; journal every finished shard so a kill loses at most one."""
     todo = items[resume:]
     chunk = max(8, min(256, len(todo) // (workers * 8) or 8))
-    tasks = [([it.array if it.path is None else str(it.path) for it in todo[i : i + chunk]], opts.max_side, opts.format)
-             for i in range(0, len(todo), chunk)]
+    tasks = [([(it.key, it.label, it.array if it.path is None else it.path) for it in todo[i : i + chunk]],
+              max(0, STATS_SAMPLE - resume - i), opts.max_side, opts.format) for i in range(0, len(todo), chunk)]
     writer, index, n_ok = None, resume, 0
 
     def finish(end: int) -> None:
@@ -431,21 +485,20 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
             for result in results:
                 item = items[index]
                 if result[0] == "skip":
-                    where = str(item.path) if item.path else item.key
+                    where = item.path or item.key
                     split_state["skipped"].append({"index": index, "path": where, "reason": result[1]})
                     if warned < 20:
                         console.warn(f"skipped {where}: {result[1]}")
                     warned += 1
                 else:
-                    _, ext, data, size, channels, sums, sumsqs, pixels = result
-                    extra = _ShardWriter.sample_size(data, item.label)
-                    if writer is not None and (writer.count >= opts.max_count or writer.size_with(extra) > opts.max_size):
+                    _, members, size, channels, moments = result
+                    if writer is not None and (writer.count >= opts.max_count or writer.size_with(members) > opts.max_size):
                         finish(index)
                         writer = None
                     if writer is None:
                         writer = _ShardWriter(out / f"{name}-{len(split_state['shards']):06d}.tar")
-                    writer.add(item.key, ext, data, item.label)
-                    writer.stats.add(size, channels, sums, sumsqs, pixels)
+                    writer.add(members)
+                    writer.stats.add(size, channels, moments)
                     n_ok += 1
                 index += 1
             bar.advance(task, len(results))
@@ -495,6 +548,7 @@ def _manifest(src: Source, opts: Options, fingerprint: str, splits: dict, state:
         "mean": mean,
         "std": std,
         "stats_split": stats_split,
+        "stats_images": train_stats.decoded,  # images whose pixels gave mean/std (<= STATS_SAMPLE)
         "splits": per_split,
         "skipped": skipped,
         "provenance": provenance({k: v for k, v in src.inputs.items()}),

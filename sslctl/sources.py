@@ -40,7 +40,7 @@ FASHION_MNIST_CLASSES = [
 class Item:
     key: str  # WebDataset key: unique in its split, no dots
     label: int | None
-    path: Path | None = None  # a file on disk, or ...
+    path: str | None = None  # a file on disk (a str: pathlib is slow at a million files), or ...
     array: np.ndarray | None = None  # ... raw pixels, H x W (gray) or H x W x 3 (RGB), uint8
 
 
@@ -79,81 +79,108 @@ def open_source(src: str | os.PathLike, kind: str = "auto") -> Source:
     path = Path(src)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (expected an image folder, idx/CIFAR files or a CSV list)")
-    if kind == "auto":
-        kind = detect_kind(path)
-    if kind not in KINDS:
+    if kind not in ("auto", *KINDS):
         raise UserError(f"--source {kind!r}: unknown source; choose one of auto, {', '.join(KINDS)}")
-    source = {"folder": _folder, "images": _images, "idx": _idx, "cifar": _cifar, "csv": _csv}[kind](path)
+    layouts = None
+    if kind == "auto":
+        kind, layouts = detect_kind(path)
+    if kind == "folder":
+        source = _folder(path, layouts)
+    else:
+        source = {"images": _images, "idx": _idx, "cifar": _cifar, "csv": _csv}[kind](path)
     if not any(source.splits.values()):
         raise UserError(f"{path}: empty source ({kind}): no images found; check the path")
     return source
 
 
-def detect_kind(path: Path) -> str:
+def detect_kind(path: Path) -> tuple[str, dict | None]:
+    """(kind, the class-folder listing when it is "folder", so it is not listed twice)."""
     if path.is_file():
         name = path.name.lower()
         if name.endswith((".csv", ".tsv")):
-            return "csv"
+            return "csv", None
         if "idx3-ubyte" in name:
-            return "idx"
+            return "idx", None
         if name.startswith(("data_batch", "test_batch")) or name in ("train", "test"):
-            return "cifar"
+            return "cifar", None
         raise UserError(
             f"{path}: cannot tell what kind of source this file is; pass a folder, an idx or CIFAR file, "
             "or a .csv/.tsv list, or force one with --source"
         )
     names = {p.name for p in path.iterdir()}
     if any(_IDX_IMAGES.match(n) for n in names):
-        return "idx"
+        return "idx", None
     if "data_batch_1" in names or {"train", "meta"} <= names:
-        return "cifar"
-    roots = _split_roots(path)
-    if all(_class_layout(root) for root in roots.values()) and sum(len(_class_layout(r)) for r in roots.values()) >= 2:
-        return "folder"
-    return "images"
+        return "cifar", None
+    layouts = {split: _class_layout(root) for split, root in _split_roots(path).items()}
+    if all(layout for layout, _ in layouts.values()) and len(
+        {os.path.basename(d) for layout, _ in layouts.values() for d in layout}
+    ) >= 2:
+        return "folder", layouts
+    return "images", None
 
 
 # ---------------------------------------------------------------- image folders
 
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTS and not name.startswith(".")
 
 
-def _split_roots(path: Path) -> dict[str, Path]:
+def _scan(folder: str) -> tuple[list[str], list[str], int]:
+    """(image files, subfolders, how many other files) directly in `folder`, sorted, hidden
+    ones left out. os.scandir's cached entry types: no stat call per file while listing."""
+    images, dirs, others = [], [], 0
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                dirs.append(e.path)
+            elif _is_image(e.name):
+                images.append(e.path)
+            else:
+                others += 1
+    return sorted(images), sorted(dirs), others
+
+
+def _split_roots(path: Path) -> dict[str, str]:
     """{split: folder}: train/ val/ test/ when those are the only subfolders, else {"train": path}."""
-    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-    dirs = [p for p in entries if p.is_dir()]
-    if dirs and all(d.name.lower() in SPLIT_NAMES for d in dirs) and not any(_is_image(p) for p in entries):
+    images, dirs, _ = _scan(str(path))
+    names = [os.path.basename(d) for d in dirs]
+    if dirs and all(n.lower() in SPLIT_NAMES for n in names) and not images:
         roots = {}
-        for d in sorted(dirs):
-            split = SPLIT_NAMES[d.name.lower()]
+        for d, name in zip(dirs, names):
+            split = SPLIT_NAMES[name.lower()]
             if split in roots:
-                raise UserError(f"{path}: both {roots[split].name}/ and {d.name}/ name the {split} split; keep one")
+                raise UserError(f"{path}: both {os.path.basename(roots[split])}/ and {name}/ name the {split} split; keep one")
             roots[split] = d
         return roots
-    return {"train": path}
+    return {"train": str(path)}
 
 
-def _class_layout(root: Path) -> list[Path]:
-    """Class folders of `root` if it is ImageFolder-shaped (images only at depth 1), else []."""
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
-    if any(_is_image(p) for p in entries):
-        return []
-    classes = sorted(p for p in entries if p.is_dir())
-    for d in classes:
-        if any(p.is_dir() and any(_walk_images(p)) for p in d.iterdir()):
-            return []
-    return classes
+def _class_layout(root: str) -> tuple[dict[str, list[str]], int]:
+    """({class folder: its images}, other files) if `root` is ImageFolder-shaped (images only at
+    depth 1), else ({}, 0)."""
+    images, dirs, ignored = _scan(root)
+    if images:
+        return {}, 0
+    layout = {}
+    for d in dirs:
+        layout[d], subdirs, others = _scan(d)
+        ignored += others
+        if any(_walk_images(s)[0] for s in subdirs):
+            return {}, 0
+    return layout, ignored
 
 
-def _walk_images(root: Path):
-    """(path, size) of every image below root, in sorted order (deterministic on any filesystem)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath, name)
-            if _is_image(p):
-                yield p
+def _walk_images(root: str) -> tuple[list[str], int]:
+    """(every image below root, depth first in sorted order, how many other files)."""
+    images, dirs, ignored = _scan(root)
+    for d in dirs:
+        more, others = _walk_images(d)
+        images += more
+        ignored += others
+    return images, ignored
 
 
 def _key(rel: str, used: set[str]) -> str:
@@ -166,48 +193,47 @@ def _key(rel: str, used: set[str]) -> str:
     return key
 
 
-def _file_items(root: Path, files, label_of) -> tuple[list[Item], hashlib._Hash]:
+def _file_items(root: str, files: list[str], label_of) -> tuple[list[Item], hashlib._Hash]:
     h, used, items = hashlib.sha256(), set(), []
     for p in files:
-        rel = p.relative_to(root).as_posix()
-        h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+        rel = p[len(root) + 1 :].replace(os.sep, "/")
+        h.update(f"{rel}\t{os.stat(p).st_size}\n".encode())
         items.append(Item(_key(rel, used), label_of(p), path=p))
     return items, h
 
 
-def _count_ignored(path: Path) -> int:
-    return sum(1 for _, _, fs in os.walk(path) for f in fs if not f.startswith(".") and not _is_image(Path(f)))
-
-
-def _folder(path: Path) -> Source:
+def _folder(path: Path, layouts: dict | None = None) -> Source:
     if not path.is_dir():
         raise UserError(f"{path}: --source folder needs a directory of class subfolders")
     roots = _split_roots(path)
-    layouts = {split: _class_layout(root) for split, root in roots.items()}
-    for split, classes in layouts.items():
+    layouts = layouts or {split: _class_layout(root) for split, root in roots.items()}
+    for split, (classes, _) in layouts.items():
         if not classes:
             raise UserError(
                 f"{roots[split]}: not a class-folder layout (expected CLASS/IMAGE files, one subfolder per class, "
                 "no images at other depths); use --source images for unlabelled data"
             )
-    classes = sorted({d.name for dirs in layouts.values() for d in dirs})
+    classes = sorted({os.path.basename(d) for layout, _ in layouts.values() for d in layout})
     index = {name: i for i, name in enumerate(classes)}
     digest, splits = hashlib.sha256(), {}
     for split, root in roots.items():
-        files = [p for d in layouts[split] for p in sorted(d.iterdir()) if p.is_file() and _is_image(p)]
-        splits[split], h = _file_items(root, files, lambda p: index[p.parent.name])
+        files = [p for images in layouts[split][0].values() for p in images]
+        splits[split], h = _file_items(root, files, lambda p: index[os.path.basename(os.path.dirname(p))])
         digest.update(f"{split}:{h.hexdigest()}\n".encode())
-    return Source("folder", path, splits, classes, digest.hexdigest(), ignored=_count_ignored(path))
+    ignored = sum(n for _, n in layouts.values())
+    return Source("folder", path, splits, classes, digest.hexdigest(), ignored=ignored)
 
 
 def _images(path: Path) -> Source:
     if not path.is_dir():
         raise UserError(f"{path}: --source images needs a directory of images")
-    digest, splits = hashlib.sha256(), {}
+    digest, splits, ignored = hashlib.sha256(), {}, 0
     for split, root in _split_roots(path).items():
-        splits[split], h = _file_items(root, _walk_images(root), lambda p: None)
+        files, others = _walk_images(root)
+        splits[split], h = _file_items(root, files, lambda p: None)
         digest.update(f"{split}:{h.hexdigest()}\n".encode())
-    return Source("images", path, splits, None, digest.hexdigest(), ignored=_count_ignored(path))
+        ignored += others
+    return Source("images", path, splits, None, digest.hexdigest(), ignored=ignored)
 
 
 # ---------------------------------------------------------------- idx (MNIST, Fashion-MNIST)
@@ -370,6 +396,6 @@ def _csv(path: Path) -> Source:
     items = []
     for row, label in zip(rows, labels):
         rel = row[0].strip()
-        file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        file = rel if os.path.isabs(rel) else os.path.join(path.parent, rel)
         items.append(Item(_key(rel, used), index[label] if labelled else None, path=file))
     return Source("csv", path, {"train": items}, classes, _hash_files([path]), {"list": path})

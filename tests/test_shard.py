@@ -179,6 +179,31 @@ def test_image_folder_skips_bad_files_and_roundtrips_the_rest(tmp_path, mini_idx
                                   else image.permute(1, 2, 0).numpy(), expected)
 
 
+def test_pass_through_files_not_decoded_are_still_verified(tmp_path, mini_idx, monkeypatch):
+    """Beyond the stats sample, JPEG/PNG files are checked by structure (header + end marker);
+    anything doubtful gets a full decode, which decides."""
+    import sslctl.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "STATS_SAMPLE", 0)  # no file decoded for statistics
+    src = tmp_path / "src"
+    written = _write_image_folder(src, mini_idx, per_class=2)
+    bad = _add_bad_files(src)
+    png = next(src.rglob("*.png")).read_bytes()
+    (src / "train" / "class_4" / "cut.png").write_bytes(png[:-30])  # no IEND: truncated
+    jpg = next(src.rglob("*.jpg"))
+    (src / "train" / "class_5" / "trailer.jpg").write_bytes(jpg.read_bytes() + b"camera trailer")  # valid
+    manifest = load_manifest(shard(src, tmp_path / "out", workers=1))
+    skipped = {Path(s["path"]).name for s in manifest["skipped"]}
+    assert skipped == {Path(rel).name for rel in bad} | {"cut.png"}
+    assert manifest["stats_images"] == 1  # only trailer.jpg needed (and got) a full decode
+    stored = {hashlib.sha256(v[e]).hexdigest() for split in ("train", "test")
+              for v in _all_stored(tmp_path / "out", split).values() for e in ("jpg", "png") if e in v}
+    expected = {hashlib.sha256(p.read_bytes()).hexdigest() for p, _ in written.values()}
+    expected.add(hashlib.sha256((src / "train" / "class_5" / "trailer.jpg").read_bytes()).hexdigest())
+    assert stored == expected
+    assert manifest["channels"] == 3  # from the headers
+
+
 def test_unlabelled_nested_folder(tmp_path, mini_idx):
     images, _ = _idx_arrays(mini_idx, "t10k")
     for i in range(30):
