@@ -208,8 +208,8 @@ def augmented_probe(
             loss.backward()
             opt.step()
             total, n = total + loss.item() * len(labels), n + len(labels)
-        sched.step()
         console.log(f"linear (augment): epoch {epoch + 1}/{epochs} loss {total / max(n, 1):.4f} lr {opt.param_groups[0]['lr']:g}")
+        sched.step()
 
     for key, value in backbone.state_dict().items():  # E3: the frozen backbone must not move
         if not torch.equal(value, before[key]):
