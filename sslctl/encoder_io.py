@@ -4,7 +4,8 @@ The file loads with strict=True into `torchvision.models.get_model(arch)` after
 `apply_small_stem` (when small_stem) and `strip_classifier` — see `load_encoder`.
 Metadata (safetensors allows str -> str only; lists and dicts are JSON):
     format="sslctl-encoder", arch, small_stem ("true"/"false"), feature_dim, input_size,
-    mean, std (JSON lists), recipe (name), provenance (JSON)
+    mean, std (JSON lists), recipe (name), provenance (JSON), options (JSON: a custom net's
+    constructor options, e.g. the AMDIM encoder's widths; see sslctl/nets)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def save_encoder(
         "arch": backbone.arch,
         "small_stem": str(bool(small_stem)).lower(),
         "feature_dim": str(backbone.feature_dim),
+        "options": json.dumps(getattr(backbone, "options", {})),
         "input_size": str(int(input_size)),
         "mean": json.dumps([float(m) for m in mean]),
         "std": json.dumps([float(s) for s in std]),
@@ -69,6 +71,7 @@ def read_metadata(path: str | Path) -> dict:
         "arch": meta["arch"],
         "small_stem": meta["small_stem"] == "true",
         "feature_dim": int(meta["feature_dim"]),
+        "options": json.loads(meta.get("options", "{}")),
         "input_size": int(meta["input_size"]),
         "mean": json.loads(meta["mean"]),
         "std": json.loads(meta["std"]),
@@ -80,6 +83,6 @@ def read_metadata(path: str | Path) -> dict:
 def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """(backbone with weights loaded strictly, metadata)."""
     meta = read_metadata(path)
-    backbone = build_backbone(meta["arch"], small_stem=meta["small_stem"])
+    backbone = build_backbone(meta["arch"], small_stem=meta["small_stem"], **meta["options"])
     backbone.load_state_dict(load_file(str(path)), strict=True)
     return backbone, meta

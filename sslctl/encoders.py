@@ -65,6 +65,7 @@ def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
         module_name, factory = CUSTOM[name].split(":")
         model = getattr(importlib.import_module(module_name), factory)(**kwargs)
         model.arch = name
+        model.options = dict(kwargs)  # saved in encoder.safetensors so load_encoder rebuilds the same net
         return model
     if name not in torchvision_names():
         import difflib

@@ -4,8 +4,8 @@
 A custom factory's keyword arguments are filled from [encoder] keys of the same name (the
 AMDIM encoder reads `ndf`, `n_rkhs`, `depth`, `input_size`), so one recipe can hold a custom
 net's options and still swap in a torchvision model with `--set encoder.name=resnet18`:
-keys the chosen network does not take are left alone. The options a custom net was built with
-are kept on it as `.options`, so the encoder file can rebuild it.
+keys the chosen network does not take are left alone. `build_backbone` keeps a custom net's
+options on it as `.options`, so its encoder.safetensors can rebuild it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,5 @@ def custom_options(name: str, section: dict) -> dict:
 
 
 def build_encoder(section: dict) -> nn.Module:
-    """The backbone a recipe's [encoder] section names (torchvision or custom), with `.options`."""
-    options = custom_options(section["name"], section)
-    model = build_backbone(section["name"], bool(section.get("small_stem", False)), **options)
-    model.options = options
-    return model
+    """The backbone a recipe's [encoder] section names (torchvision or custom)."""
+    return build_backbone(section["name"], bool(section.get("small_stem", False)), **custom_options(section["name"], section))

@@ -11,8 +11,9 @@ depends on the input size (32, 64 or 128 px) and is laid out so that three of it
     r5: B x n_rkhs x 5 x 5   a local map, through a residual 1x1-conv "fake RKHS" MLP
     r7: B x n_rkhs x 7 x 7   a local map, likewise
 
-`forward_maps(x)` returns them as {"1": r1, "5": r5, "7": r7, "last": r1}; `forward(x)` returns
-r1 flattened (B x n_rkhs), the pooled representation embed / kNN / linear use.
+`forward_maps(x, names)` returns those asked for of {"1": r1, "5": r5, "7": r7, "last": r1};
+`forward(x)` returns r1 flattened (B x n_rkhs), the representation embed / kNN / linear use.
+`rkhs["5"]`, `rkhs["7"]` are the local maps' own MLPs (a method comparing only r1 freezes them).
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def _layers(input_size: int, ndf: int, n_rkhs: int, depth: int, use_bn: bool) ->
     ]
 
 
+MAPS = ("1", "5", "7", "last")
+
+
 class AMDIMEncoder(nn.Module):
     def __init__(self, ndf: int = 320, n_rkhs: int = 2560, depth: int = 10, input_size: int = 128, use_bn: bool = False):
         super().__init__()
@@ -137,8 +141,7 @@ class AMDIMEncoder(nn.Module):
         self.layers.train()
         self.index = {w: max(i for i, s in enumerate(sizes) if s == w) for w in (1, 5, 7)}
         local_width = 4 * ndf if input_size == 32 else 8 * ndf  # channels of the 5x5 and 7x7 maps
-        self.rkhs5 = FakeRKHS(local_width, n_rkhs, use_bn)
-        self.rkhs7 = FakeRKHS(local_width, n_rkhs, use_bn)
+        self.rkhs = nn.ModuleDict({"5": FakeRKHS(local_width, n_rkhs, use_bn), "7": FakeRKHS(local_width, n_rkhs, use_bn)})
 
     def _activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         acts = []
@@ -155,11 +158,13 @@ class AMDIMEncoder(nn.Module):
             )
         return self._activations(x)
 
-    def forward_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"1": B x n_rkhs x 1 x 1, "5": B x n_rkhs x 5 x 5, "7": B x n_rkhs x 7 x 7, "last": the "1" map}."""
+    def forward_maps(self, x: torch.Tensor, names: tuple[str, ...] = MAPS) -> dict[str, torch.Tensor]:
+        """The maps asked for, of {"1": B x n_rkhs x 1 x 1, "5": B x n_rkhs x 5 x 5,
+        "7": B x n_rkhs x 7 x 7, "last": the "1" map}; a local map's RKHS MLP runs only when asked."""
         acts = self._checked_activations(x)
-        r1 = acts[self.index[1]]
-        return {"1": r1, "5": self.rkhs5(acts[self.index[5]]), "7": self.rkhs7(acts[self.index[7]]), "last": r1}
+        out = {"1": acts[self.index[1]], "last": acts[self.index[1]]}
+        out.update({w: self.rkhs[w](acts[self.index[int(w)]]) for w in ("5", "7") if w in names})
+        return {name: out[name] for name in names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._checked_activations(x)[self.index[1]].flatten(1)

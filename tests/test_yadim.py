@@ -1,0 +1,97 @@
+"""YADIM (METHODS.md §8): a recipe only. It composes existing parts (the AMDIM method with a
+last-map comparison, the AMDIM encoder, merged augmentations); swapping one part is a one-line
+change that trains: `--set encoder.name=resnet18` compares the ResNet's layer4 maps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from sslctl.encoder_io import load_encoder
+from sslctl.encoders import build_backbone
+from sslctl.losses.local import map_nce
+from sslctl.methods import available, build_method
+from sslctl.methods.amdim import AMDIM
+from sslctl.recipes import load_recipe
+from tests.test_amdim import first_and_last_losses, one_thread, shard_mini, short_run, view_retrieval  # noqa: F401
+
+TINY_AMDIM = ["encoder.ndf=8", "encoder.n_rkhs=32", "encoder.depth=1"]
+
+
+def yadim(*overrides: str):
+    torch.manual_seed(0)
+    return build_method(load_recipe("yadim", image_size=28, overrides=overrides))
+
+
+def test_yadim_is_a_recipe_on_existing_parts_with_no_method_file_of_its_own():
+    assert "yadim" not in available()
+    assert not (Path(__file__).parents[1] / "sslctl" / "methods" / "yadim.py").exists()
+    cfg = load_recipe("yadim", variant="none")
+    amdim = load_recipe("amdim", variant="none")
+    assert cfg["recipe"]["method"] == "amdim" and cfg["method"]["compare"] == ["last>last"]
+    assert cfg["encoder"] == amdim["encoder"] and cfg["loss"] == amdim["loss"]  # AMDIM encoder, dot product, NCE
+    assert cfg["head"] == {}  # no projection head
+    # merged AMDIM + CPC augmentation: a flip per view, crop, jitter, grayscale, no patchify
+    cpc = load_recipe("cpc_v2", variant="none")["augment"]
+    aug = cfg["augment"]
+    assert aug["views"] == 2 and aug["shared_flip"] is False and aug["flip_p"] == 0.5
+    assert all(aug[k] == cpc[k] for k in ("crop_scale", "crop_ratio", "jitter", "jitter_p", "grayscale_p", "interpolation"))
+
+
+def test_with_the_amdim_encoder_it_contrasts_the_global_1x1_maps_only():
+    m = yadim(*TINY_AMDIM)
+    assert isinstance(m, AMDIM) and m.pairs == [("last", "last")]
+    # the local maps' RKHS MLPs take no part, so they are frozen (DDP would wait for their grads)
+    assert all(not p.requires_grad for p in m.backbone.rkhs.parameters())
+    torch.manual_seed(1)
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    out = m.training_step([v1, v2])
+    torch.manual_seed(1)
+    r1, r2 = m.backbone(v1), m.backbone(v2)
+    expected = [map_nce(a, b[:, :, None, None]) for a, b in ((r1, r2), (r2, r1))]  # 1x1 "maps": B candidates
+    assert out["loss"].item() == pytest.approx(sum(l.item() + r.item() for l, r in expected) / 2, rel=1e-5)
+
+
+def test_swapping_in_a_resnet_is_one_line_and_compares_its_last_feature_map():
+    m = yadim("encoder.name=resnet18")
+    assert isinstance(m.backbone, torchvision.models.ResNet) and m.backbone.feature_dim == 512
+    maps = m.maps(torch.randn(4, 3, 32, 32))
+    assert maps["last"].shape == (4, 512, 4, 4)  # small stem: layer4 of a 32-px image is 4x4
+    out = m.training_step([torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])
+    out["loss"].backward()
+    assert m.backbone.conv1.weight.grad.abs().sum() > 0
+    # equal scores would give log(1 + (B - 1) * 16) for B = 4 and 4x4 maps
+    assert math.isfinite(out["nce_last>last"].item()) and out["nce_last>last"].item() > 0
+
+
+@pytest.mark.slow
+def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_thread):
+    shards = shard_mini(tmp_path / "shards")
+    overrides = ["encoder.ndf=32", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
+                 "optim.lr=1e-3", "schedule.warmup_steps=0"]
+    cfg, run, records = short_run(shards, "yadim", tmp_path / "run", 100, *overrides)
+    first, last = first_and_last_losses(records)
+    assert last < first - 0.5 and last < math.log(64), records  # below the equal-score value log B
+    assert records[-1]["z_std"] > 0.5 / math.sqrt(128)
+    trained, _ = load_encoder(run / "encoder.safetensors")
+    torch.manual_seed(0)
+    initial = build_backbone("amdim", **trained.options)
+    before, after = view_retrieval(initial, cfg, shards), view_retrieval(trained, cfg, shards)
+    assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_one_line_resnet18_swap_trains(tmp_path, one_thread):
+    shards = shard_mini(tmp_path / "shards")
+    cfg, run, records = short_run(
+        shards, "yadim", tmp_path / "run", 40, "encoder.name=resnet18", "optim.batch_size=32", "optim.base_batch=32",
+        "optim.lr=1e-3", "schedule.warmup_steps=0",
+    )
+    first, last = first_and_last_losses(records)
+    assert last < first, records
+    trained, meta = load_encoder(run / "encoder.safetensors")
+    assert meta["arch"] == "resnet18" and meta["small_stem"]  # a plain torchvision ResNet-18 file
