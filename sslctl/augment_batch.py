@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from sslctl.augment import OPTIONAL, blur_kernel_size, check_view, view_configs, view_names
+from sslctl.augment import OPTIONAL, blur_kernel_size, check_view, gaussian_blur, view_configs, view_names
 
 LUMA = (0.2989, 0.587, 0.114)
 
@@ -122,20 +122,6 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per image, reflect padding (torchvision)."""
-    B, C, H, W = x.shape
-    half = (kernel - 1) / 2
-    t = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, kernel)
-    pad = kernel // 2
-    y = F.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
-    y = F.conv2d(y, k.view(B * C, 1, kernel, 1), groups=B * C)
-    y = F.conv2d(y, k.view(B * C, 1, 1, kernel), groups=B * C)
-    return y.view(B, C, H, W)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -7,11 +7,13 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from sslctl.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ColorJitter,
+    RandomBlur,
     RandomSolarize,
     blur_kernel_size,
     build_views,
@@ -163,6 +165,15 @@ def test_jitter_brightness_additive_vs_multiplicative():
     grey = torch.full((3, 4, 4), 0.5)
     deltas = {round(float(add(grey)[0, 0, 0]) - 0.5, 6) for _ in range(20)}
     assert len(deltas) > 10 and all(-0.5 <= d <= 0.5 for d in deltas)
+
+
+def test_separable_blur_equals_torchvision(fmnist):
+    x = fmnist[7].expand(3, -1, -1).contiguous()
+    ours = RandomBlur(5, [1.3, 1.3])(x)
+    theirs = TF.gaussian_blur(x, [5, 5], [1.3, 1.3])
+    assert ours.dtype == torch.uint8 and (ours.int() - theirs.int()).abs().max() <= 1
+    f = x.float() / 255
+    assert torch.allclose(RandomBlur(23, [2.0, 2.0])(f), TF.gaussian_blur(f, [23, 23], [2.0, 2.0]), atol=1e-5)
 
 
 def test_blur_kernel_sizes():
