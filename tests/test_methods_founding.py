@@ -448,3 +448,36 @@ def test_two_processes_shuffle_bn_gather_with_grad_queue_and_bank(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_two_process_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+# ---- CUDA (skipped without a GPU) ---------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["moco_v1", "moco_v2", "adco", "simclr", "byol"])
+def test_cuda_bf16_channels_last_steps(name):
+    """What the engine does on a GPU: channels_last, bf16 autocast, the recipe's optimizer. Losses
+    stay fp32, method state stays fp32 on the device, and a few steps change the weights."""
+    from sslctl.optim import build_optimizer
+
+    cfg = load_recipe(name, variant="small", overrides=["optim.batch_size=32"] + (
+        ["method.queue_size=128"] if name.startswith("moco") else ["method.bank_size=64"] if name == "adco" else []))
+    m = build_method(cfg).cuda().to(memory_format=torch.channels_last)
+    opt = build_optimizer(m, cfg["optim"], 0.05)
+    w0 = m.backbone.conv1.weight.detach().clone()
+    batches = [[v.cuda().to(memory_format=torch.channels_last) for v in views(32, seed=s)] for s in range(4)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        m.setup(iter(batches))
+    for step, vs in enumerate(batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m.training_step(vs)
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        m.after_optimizer_step(Progress(step, 4, 0, 4))
+    for buf in ("queue", "bank", "bank_velocity"):
+        if hasattr(m, buf):
+            assert getattr(m, buf).dtype == torch.float32 and getattr(m, buf).is_cuda
+            assert torch.isfinite(getattr(m, buf)).all()
+    assert not torch.equal(w0, m.backbone.conv1.weight)
