@@ -67,7 +67,10 @@ def main() -> None:
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except Exception as err:  # click usage errors (bad flag, missing argument) -> exit 2
-        import click
+        try:
+            import click
+        except ImportError:  # typer >= 0.29 vendors click as typer._click
+            from typer import _click as click
 
         if isinstance(err, click.exceptions.ClickException):
             err.show()
