@@ -168,3 +168,35 @@ def test_image_options(shards, unlabelled):
 def test_loader_refuses_a_batch_larger_than_the_split(shards):
     with pytest.raises(UserError, match="fewer than one batch"):
         make_loader(shards, "test", batch_size=600, rank=0, world_size=2, workers=0)
+
+
+def test_tensor_and_pil_decoders_give_the_same_pixels(tmp_path, mini_idx):
+    """decode_tensor (torchvision's C decoders) and decode (PIL + standard_mode) must agree for
+    every mode a user's files may come in, with and without rgb=True."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    images = read_idx(mini_idx / "t10k-images-idx3-ubyte.gz")[:8]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, img in enumerate(images):
+        gray = Image.fromarray(img)
+        colour = Image.merge("RGB", [gray, gray.transpose(Image.FLIP_LEFT_RIGHT), gray.transpose(Image.FLIP_TOP_BOTTOM)])
+        gray.save(src / f"{i}_gray.png")
+        gray.save(src / f"{i}_gray.jpg", quality=85)
+        colour.save(src / f"{i}_rgb.jpg", quality=85)
+        colour.save(src / f"{i}_rgb.webp", quality=80)
+        colour.convert("RGBA").save(src / f"{i}_rgba.png")
+        colour.convert("P").save(src / f"{i}_palette.png")
+        gray.convert("LA").save(src / f"{i}_la.png")
+        colour.convert("CMYK").save(src / f"{i}_cmyk.jpg")
+    shards = shard(src, tmp_path / "shards", workers=1).parent
+    for rgb in (False, True):
+        tensors = ShardDataset(shards, "train", rgb=rgb, rank=0, world_size=1, return_key=True)
+        pils = ShardDataset(shards, "train", rgb=rgb, output="pil", rank=0, world_size=1, return_key=True)
+        n = 0
+        for (tensor, _, key), (pil, _, key2) in zip(tensors, pils):
+            assert key == key2
+            assert torch.equal(tensor, pil_to_tensor(pil)), key
+            assert tensor.shape[0] == (3 if rgb or not ("gray" in key or "_la" in key) else 1), key
+            n += 1
+        assert n == 8 * 8
