@@ -193,12 +193,13 @@ def _key(rel: str, used: set[str]) -> str:
     return key
 
 
-def _file_items(root: str, files: list[str], label_of) -> tuple[list[Item], hashlib._Hash]:
+def _file_items(root: str, files: list[str], labels: list[int | None]) -> tuple[list[Item], hashlib._Hash]:
+    """Items of image files; the digest of their relative paths and sizes fingerprints the input."""
     h, used, items = hashlib.sha256(), set(), []
-    for p in files:
+    for p, label in zip(files, labels):
         rel = p[len(root) + 1 :].replace(os.sep, "/")
         h.update(f"{rel}\t{os.stat(p).st_size}\n".encode())
-        items.append(Item(_key(rel, used), label_of(p), path=p))
+        items.append(Item(_key(rel, used), label, path=p))
     return items, h
 
 
@@ -217,8 +218,10 @@ def _folder(path: Path, layouts: dict | None = None) -> Source:
     index = {name: i for i, name in enumerate(classes)}
     digest, splits = hashlib.sha256(), {}
     for split, root in roots.items():
-        files = [p for images in layouts[split][0].values() for p in images]
-        splits[split], h = _file_items(root, files, lambda p: index[os.path.basename(os.path.dirname(p))])
+        layout = layouts[split][0]
+        files = [p for images in layout.values() for p in images]
+        labels = [index[os.path.basename(d)] for d, images in layout.items() for _ in images]
+        splits[split], h = _file_items(root, files, labels)
         digest.update(f"{split}:{h.hexdigest()}\n".encode())
     ignored = sum(n for _, n in layouts.values())
     return Source("folder", path, splits, classes, digest.hexdigest(), ignored=ignored)
@@ -230,7 +233,7 @@ def _images(path: Path) -> Source:
     digest, splits, ignored = hashlib.sha256(), {}, 0
     for split, root in _split_roots(path).items():
         files, others = _walk_images(root)
-        splits[split], h = _file_items(root, files, lambda p: None)
+        splits[split], h = _file_items(root, files, [None] * len(files))
         digest.update(f"{split}:{h.hexdigest()}\n".encode())
         ignored += others
     return Source("images", path, splits, None, digest.hexdigest(), ignored=ignored)
