@@ -4,10 +4,16 @@
     OUT/manifest.json          counts, classes, per-shard bytes/sha256, mean/std, skipped inputs
     OUT/.sslctl-shard-state.json   progress journal: what resume trusts (after re-hashing)
 
-Pixel work (read, verify by full decode, statistics, optional re-encode) runs in a process pool;
-the main process writes shards in a fixed order, so the output does not depend on --workers.
-Fixed tar metadata (mtime 0, uid/gid 0, mode 0444) and a seeded sample order make the shards
-byte-identical for the same input and flags.
+The work per image (read, verify, statistics, optional re-encode, tar encoding) runs in a
+process pool; the main process appends the results to the shards in a fixed order, so the
+output does not depend on --workers. Fixed tar metadata (mtime 0, uid/gid 0, mode 0444) and a
+seeded sample order make the shards byte-identical for the same input and flags.
+
+Verification: raw arrays are always whole. A JPEG or PNG file whose header parses and which
+ends with its end marker is stored as is; anything else (no end marker, other formats) gets a
+full decode, and what fails to decode is skipped. Mean/std come from every pixel of raw arrays
+and of a seeded random sample of STATS_SAMPLE image files per split (decoding all of ImageNet
+for two numbers would cost more than the sharding itself).
 """
 
 from __future__ import annotations
@@ -355,7 +361,8 @@ def _ordered_splits(source: Source, opts: Options) -> dict[str, list[Item]]:
         splits["train"] = [it for i, it in enumerate(splits["train"]) if i not in val]
     for name, items in splits.items():
         random.Random(f"{opts.seed}:{name}").shuffle(items)
-    return dict(sorted(splits.items(), key=lambda kv: ("train", "val", "test").index(kv[0]) if kv[0] in ("train", "val", "test") else 3))
+    order = {"train": 0, "val": 1, "test": 2}
+    return dict(sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
 
 
 def _fingerprint(source: Source, opts: Options) -> str:
