@@ -204,6 +204,20 @@ def test_pass_through_files_not_decoded_are_still_verified(tmp_path, mini_idx, m
     assert manifest["channels"] == 3  # from the headers
 
 
+def test_mean_std_of_files_come_from_the_first_images_in_shard_order(tmp_path, mini_idx, monkeypatch):
+    import sslctl.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "STATS_SAMPLE", 7)
+    src = tmp_path / "src"
+    _write_image_folder(src, mini_idx, per_class=3)
+    manifest = load_manifest(shard(src, tmp_path / "out", workers=2))
+    assert manifest["stats_images"] == 7 and manifest["channels"] == 3
+    first = [image for tar in split_shards(manifest, "train") for _, image, _ in iter_shard(tar, rgb=True)][:7]
+    pixels = torch.cat([x.reshape(3, -1) for x in first], 1).double() / 255
+    assert manifest["mean"] == pytest.approx(pixels.mean(1).tolist(), abs=2e-6)
+    assert manifest["std"] == pytest.approx(pixels.std(1, unbiased=False).tolist(), abs=2e-6)
+
+
 def test_unlabelled_nested_folder(tmp_path, mini_idx):
     images, _ = _idx_arrays(mini_idx, "t10k")
     for i in range(30):
