@@ -18,16 +18,11 @@ def command(
     workers: int | None = typer.Option(None, "--workers", help="Processes for reading, verifying and encoding [default: all cores]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still show)."),
 ) -> None:
-    """Pack a dataset into WebDataset tar shards plus a manifest; prints the manifest path.
+    """Pack a dataset into WebDataset tar shards plus manifest.json; prints the manifest path.
 
-    Sources are detected automatically: class folders (optionally under train/ val/ test/),
-    a folder of unlabelled images at any depth, MNIST/Fashion-MNIST idx files, CIFAR python
-    batches, or a CSV/TSV list. Corrupt images are skipped, listed in the manifest and
-    counted. Rerunning after an interruption keeps finished shards (verified by sha256).
+    Sources are detected automatically: class folders (optionally under train/ val/ test/), a folder of unlabelled images at any depth, MNIST/Fashion-MNIST idx files, CIFAR-10/100 python batches, or a CSV/TSV list of path[,label]. JPEG/PNG/WebP files keep their original bytes; raw arrays become lossless PNG. Corrupt files are skipped, listed in the manifest and counted. Rerunning after an interruption keeps the finished shards (verified by sha256).
 
-    Example:
-
-        sslctl shard ~/data/fashion-mnist shards/fmnist --val-fraction 0.1
+    Example: sslctl shard ~/data/fashion-mnist shards/fmnist --val-fraction 0.1
     """
     from sslctl import console
     from sslctl.shard import Options, parse_size, shard
