@@ -243,10 +243,10 @@ class ShardDataset(IterableDataset):
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{role}")
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng)
         base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
+        decoder = decode_tensor if self.output == "tensor" else decode
         for i, sample in enumerate(samples):
             if i < done:
                 continue  # consumed before the interruption: skipped before decoding
-            decoder = decode_tensor if self.output == "tensor" else decode
             image, label = decoder(sample, rgb=self.rgb)
             if self.transform is not None:
                 image = _seeded(self.transform, image, base + i, keep_rng=info is None)
