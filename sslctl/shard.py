@@ -322,8 +322,12 @@ class _ShardWriter:
         self._file.write(chunk)
         self.bytes += len(chunk)
 
-    def add(self, members: bytes) -> None:
-        """One sample's tar members (from `_tar_members`)."""
+    def add(self, key: str, ext: str, data: bytes, label: int | None) -> None:
+        """One sample: KEY.cls (when labelled) and KEY.EXT."""
+        self.add_members(_tar_members(key, ext, data, label))
+
+    def add_members(self, members: bytes) -> None:
+        """One sample already encoded as tar members (by `_tar_members`, in a pool worker)."""
         self._write(members)
         self.count += 1
 
@@ -504,7 +508,7 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
                         writer = None
                     if writer is None:
                         writer = _ShardWriter(out / f"{name}-{len(split_state['shards']):06d}.tar")
-                    writer.add(members)
+                    writer.add_members(members)
                     writer.stats.add(size, channels, moments)
                     n_ok += 1
                 index += 1
