@@ -148,3 +148,30 @@ def test_missing_inputs_on_stdin_and_arguments(tmp_path, shards, monkeypatch, ca
     expect_user_error(monkeypatch, capsys, "embed", "resnet18", tmp_path, "--weights", "random", names=[tmp_path / "manifest.json"])
     expect_user_error(monkeypatch, capsys, "embed", "resnet18", shards, says=["--weights random"])
     expect_user_error(monkeypatch, capsys, "embed", "resnet19", shards, "--weights", "random", says=["did you mean"])
+
+
+@pytest.mark.slow
+def test_pipeline_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
+    """shell/pipeline.sh on a 400 + 200 image subset, a 12-step MoCo v2 run; then a rerun after
+    losing one artifact redoes that step only."""
+    from pathlib import Path
+
+    from tests.evalkit import idx_subset
+
+    script = Path(__file__).resolve().parents[1] / "shell" / "pipeline.sh"
+    images, work = idx_subset(tmp_path / "idx", 400, 200), tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SSLCTL": f"{sys.executable} -m sslctl", "EMBED_ARGS": "--workers 0",
+           "PRETRAIN_ARGS": "--epochs 1 --batch-size 32 --set augment.crop_size=16 --set method.queue_size=64 "
+                            "--set method.bn_splits=2 --workers 0"}
+    first = subprocess.run(["bash", str(script), str(images), str(work)], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert first.returncode == 0, first.stderr
+    table = first.stdout.splitlines()
+    assert table[0].startswith("| encoder | kNN top-1 k=20/T=0.07 | kNN top-1 k=200/T=0.1 | linear top-1 |")
+    assert table[2].startswith("| moco_v2 (trained) |") and table[3].startswith("| random init (floor) |")
+    assert (work / "results.md").read_text() == first.stdout
+
+    (work / "linear-floor.jsonl").unlink()
+    again = subprocess.run(["bash", str(script), str(images), str(work)], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("exists, skipped") == 7 and "linear (floor) ..." in again.stderr
+    assert again.stdout == first.stdout  # the same inputs give the same table

@@ -157,8 +157,10 @@ def make_searcher(bank: torch.Tensor, backend: str = "auto") -> tuple[Searcher, 
 
 
 def _faiss_gpu() -> bool:
-    import faiss
-
+    try:
+        import faiss
+    except ImportError:  # a GPU image without faiss: the exact torch search runs on the GPU instead
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
 
 
