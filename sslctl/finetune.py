@@ -127,9 +127,11 @@ def read_labels(manifest: dict, split: str) -> tuple[list[str], list[int]]:
     return keys, labels
 
 
-def write_subset_shards(manifest: dict, split: str, chosen: list[tuple[str, int]], out: Path, mean, std) -> Path:
-    """The chosen samples (original image bytes) as a one-split shards directory `out` whose
-    manifest carries the encoder's mean/std, so `normalize = "manifest"` normalises as in pretraining."""
+def write_subset_shards(manifest: dict, chosen: list[tuple[str, int]], out: Path, mean, std, source: dict) -> Path:
+    """The chosen samples of split `source["split"]` (original image bytes) as a one-split shards
+    directory `out` whose manifest carries the encoder's mean/std, so `normalize = "manifest"`
+    normalises as in pretraining, and how the subset was chosen (`source`)."""
+    split = source["split"]
     wanted = dict(chosen)
     writer = _ShardWriter(out / "train-000000.tar")
     for path in split_shards(manifest, split):
@@ -144,7 +146,7 @@ def write_subset_shards(manifest: dict, split: str, chosen: list[tuple[str, int]
         raise UserError(f"{manifest['path']}: found {shard['count']} of the {len(chosen)} chosen images in split {split!r}")
     atomic_write_json(out / MANIFEST, {
         "format": SHARDS_FORMAT, "version": SHARDS_VERSION,
-        "source": {"subset_of": manifest["path"], "split": split},
+        "source": source,
         "labelled": True, "classes": manifest.get("classes"), "channels": manifest.get("channels"),
         "image_size": manifest.get("image_size"), "mean": list(mean), "std": list(std), "stats_split": "train",
         "splits": {"train": {"count": shard["count"], "shards": [shard], "skipped": 0}}, "skipped": [],
@@ -156,13 +158,20 @@ def write_subset_shards(manifest: dict, split: str, chosen: list[tuple[str, int]
 def labelled_subset(manifest: dict, split: str, labels: str, seed: int, out: Path, mean, std) -> Path:
     """Choose the subset and write it into the run dir `out` (kept as it is when already there)."""
     keys_file, subset = out / KEYS_FILE, out / SUBSET_DIR
+    chosen_by = {"kind": "labelled subset", "path": manifest["path"], "split": split, "labels": str(labels), "subset_seed": seed}
     if keys_file.is_file() and (subset / MANIFEST).is_file():
+        kept = load_manifest(subset)["source"]
+        if kept != chosen_by:
+            raise UserError(
+                f"{out} already holds a labelled subset chosen with {kept}; this command asks for {chosen_by}. "
+                "Rerun with the same shards, --split, --labels and --subset-seed, or use a new --out"
+            )
         return subset
     keys, classes = read_labels(manifest, split)
     if not keys:
         raise UserError(f"{manifest['path']}: split {split!r} has no labelled images (shard a labelled source)")
     chosen = stratified_subset(keys, classes, parse_labels(labels), seed)
-    write_subset_shards(manifest, split, chosen, subset, mean, std)
+    write_subset_shards(manifest, chosen, subset, mean, std, chosen_by)
     atomic_write_text(keys_file, "".join(f"{k}\t{c}\n" for k, c in chosen))  # last: marks the subset complete
     per_class = defaultdict(int)
     for _, c in chosen:

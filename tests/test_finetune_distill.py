@@ -120,6 +120,9 @@ def test_finetune_writes_the_stratified_keys_and_subset_shards_reproducibly(shar
     # the subset shards hold exactly those images with those labels
     sub_keys, sub_labels = read_labels(load_manifest(a / SUBSET_DIR), "train")
     assert sorted(zip(sub_keys, sub_labels)) == sorted(expected)
+    # a run dir keeps its subset: asking it for another one is refused
+    with pytest.raises(UserError, match="already holds a labelled subset"):
+        finetune(source_run, shards, a, labels="10%", max_steps=1, workers=0, overrides=TINY)
 
 
 # ------------------------------------------------------------------------------ the model
