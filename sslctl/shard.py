@@ -465,6 +465,8 @@ def shard(src: str | os.PathLike, out: str | os.PathLike, *, source: str = "auto
             n_done, warned = _write_split(out, name, items, resume, split_state, state, opts, workers, bar, task, warned)
             done_now += n_done
     elapsed = time.perf_counter() - started
+    if warned > 20:
+        console.warn(f"... {warned - 20} more skipped input(s); all are listed in {out / MANIFEST}")
 
     manifest_path = out / MANIFEST
     manifest = _manifest(src_obj, opts, fingerprint, splits, state)
@@ -489,6 +491,7 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
     def finish(end: int) -> None:
         record = writer.close()
         split_state["shards"].append({**record, "end": end, "stats": writer.stats.to_dict()})
+        split_state["done"] = end == len(items)
         atomic_write_json(out / STATE, state)
 
     try:
@@ -519,10 +522,9 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
     finally:
         if writer is not None:
             writer.abort()
-    split_state["done"] = True
-    atomic_write_json(out / STATE, state)
-    if warned > 20:
-        console.warn(f"... {warned - 20} more skipped input(s); all are listed in {out / MANIFEST}")
+    if not split_state["done"]:  # the split ended with skipped inputs after its last shard
+        split_state["done"] = True
+        atomic_write_json(out / STATE, state)
     return n_ok, warned
 
 
