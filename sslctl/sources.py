@@ -65,7 +65,9 @@ def standard_mode(img: Image.Image) -> Image.Image:
     same pixels."""
     if img.mode in ("L", "RGB"):
         return img
-    if img.mode in ("1", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit data (PNG, TIFF): keep the top 8 bits
+        return Image.fromarray((np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8))
+    if img.mode in ("1", "LA", "F"):
         return img.convert("L")
     if img.mode == "P" and "transparency" not in img.info and all(
         r == g == b for r, g, b in zip(*[iter(img.getpalette() or [])] * 3)

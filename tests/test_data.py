@@ -189,6 +189,7 @@ def test_tensor_and_pil_decoders_give_the_same_pixels(tmp_path, mini_idx):
         colour.convert("P").save(src / f"{i}_palette.png")
         gray.convert("LA").save(src / f"{i}_la.png")
         colour.convert("CMYK").save(src / f"{i}_cmyk.jpg")
+        Image.fromarray(img.astype(np.uint16) * 257).save(src / f"{i}_gray16.png")  # 16-bit: v * 257
     shards = shard(src, tmp_path / "shards", workers=1).parent
     for rgb in (False, True):
         tensors = ShardDataset(shards, "train", rgb=rgb, rank=0, world_size=1, return_key=True)
@@ -198,5 +199,7 @@ def test_tensor_and_pil_decoders_give_the_same_pixels(tmp_path, mini_idx):
             assert key == key2
             assert torch.equal(tensor, pil_to_tensor(pil)), key
             assert tensor.shape[0] == (3 if rgb or not ("gray" in key or "_la" in key) else 1), key
+            if "gray16" in key:  # scaled to 8 bits, not clipped: (v * 257) >> 8 == v
+                assert torch.equal(tensor[0], torch.tensor(images[int(key.split("_")[0])]))
             n += 1
-        assert n == 8 * 8
+        assert n == 8 * 9
