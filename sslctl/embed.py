@@ -12,6 +12,10 @@ folder FEATS.parts/, so an interrupted run continues with the shards it has not 
 parts are assembled into FEATS at the end and removed. A part is reused only when its
 fingerprint (encoder weights, layer, transform, precision, the shard's sha256) matches.
 DataLoader workers decode whole shards in parallel; the main process runs the model.
+
+Distributed (torchrun, or `sslctl embed --nproc N`): the shards still to do are dealt to the
+ranks round-robin, each rank writes its parts, and rank 0 assembles the same FEATS as one process
+would (rows in the shards' stored order) once every rank is done.
 """
 
 from __future__ import annotations
@@ -279,6 +283,7 @@ def embed(
     seed: int = 0,
 ) -> Path:
     """Embed `splits` (default: all) of the shards with the frozen encoder; write and return FEATS."""
+    from sslctl import distributed
     from sslctl.augment import eval_transform
     from sslctl.data import load_manifest, split_shards
     from sslctl.train import default_amp, default_channels_last, resolve_device
@@ -291,6 +296,8 @@ def embed(
     enc = open_encoder(encoder, layer=layer, weights=weights, small_stem=small_stem, input_size=input_size, seed=seed)
     mean, std, norm_source = resolve_normalization(normalize, enc, manifest)
     dev = resolve_device(device)
+    distributed.init_from_env(dev.type)
+    rank, world = distributed.rank(), distributed.world_size()
     bf16 = default_amp(dev) if bf16 is None else bf16
     channels_last = default_channels_last(dev) if channels_last is None else channels_last
     model = enc.model.to(dev).eval()
@@ -318,34 +325,34 @@ def embed(
                 todo.append((split, i, tar, shard_fp))
     total = sum(manifest["splits"][s]["count"] for s in splits)
     remaining = sum(manifest["splits"][s]["shards"][i]["count"] for s, i, _, _ in todo)
-    if remaining < total:
+    if remaining < total and rank == 0:
         console.log(f"embed: resuming, {total - remaining} of {total} images already embedded in {parts}")
     parts.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every rank has listed the parts before any rank writes one
+    mine = todo[rank::world]
 
-    start, done = time.perf_counter(), 0
+    start = time.perf_counter()
     with console.progress() as bar:
-        task = bar.add_task("embed", total=remaining)
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            bar.advance(task, n)
-
+        task = bar.add_task("embed", total=sum(manifest["splits"][s]["shards"][i]["count"] for s, i, _, _ in mine),
+                            visible=rank == 0)
         results = embed_shards(
-            model, [t[2] for t in todo], transform=transform, batch_size=batch_size, device=dev, bf16=bf16,
-            channels_last=channels_last, workers=workers, on_batch=advance,
+            model, [t[2] for t in mine], transform=transform, batch_size=batch_size, device=dev, bf16=bf16,
+            channels_last=channels_last, workers=workers, on_batch=lambda n: bar.advance(task, n),
         )
         for index, feats, labels in results:
-            split, i, tar, shard_fp = todo[index]
+            split, i, tar, shard_fp = mine[index]
             expected = manifest["splits"][split]["shards"][i]["count"]
             if len(labels) != expected:
                 raise UserError(f"{tar}: {len(labels)} images, the manifest says {expected}; reshard or check the file")
             with atomic_path(parts / f"{split}-{i:06d}.safetensors") as tmp:
                 save_file({"features": feats.contiguous(), "labels": labels}, str(tmp), metadata={"fingerprint": shard_fp})
+    distributed.barrier()  # every rank's parts are written
+    if rank != 0:
+        return out
     elapsed = time.perf_counter() - start
-    if done:
-        console.log(f"embed: {done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):,.0f} images/s) on {dev}"
-                    f"{' with bf16' if bf16 else ''}")
+    if remaining:
+        console.log(f"embed: {remaining} images in {elapsed:.1f} s ({remaining / max(elapsed, 1e-9):,.0f} images/s) on {dev}"
+                    f"{f' x {world} processes' if world > 1 else ''}{' with bf16' if bf16 else ''}")
 
     tensors: dict[str, torch.Tensor] = {}
     for split in splits:

@@ -32,6 +32,10 @@ def command(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes; each takes whole shards [default: cores - 1]."),
     seed: int = typer.Option(0, "--seed", help="Seed of --weights random."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (warnings and errors still show)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); they share the shards."),
+    nnodes: str = typer.Option("1", "--nnodes", help="Nodes, as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes [default: $SLURM_JOB_ID, else sslctl]."),
 ) -> None:
     """Embed shards with a frozen encoder (eval mode, evaluation transform); print FEATS.
 
@@ -43,17 +47,24 @@ def command(
         sslctl embed runs/moco shards/fmnist | sslctl knn
 
         sslctl embed resnet18 shards/fmnist --weights random --small-stem --out floor.safetensors
+
+        sslctl embed runs/moco shards/imagenet --nproc 4   (4 processes share the shards; the same FEATS)
     """
-    from sslctl import console
+    from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
     from sslctl.embed import embed
+    from sslctl.launch import launch
 
     console.set_quiet(quiet)
+    from_stdin = None
     if encoder == "-":
-        encoder = str(path_from_stdin_or_arg(None, "encoder (a run directory from `sslctl pretrain`)"))
+        encoder = from_stdin = str(path_from_stdin_or_arg(None, "encoder (a run directory from `sslctl pretrain`)"))
+    if launch(nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, stdin_path=from_stdin):
+        return  # the processes ran; rank 0 printed FEATS
     feats = embed(
         encoder, shards, splits=split, out=out, layer=layer, weights=weights, small_stem=small_stem,
         input_size=input_size, normalize=normalize, batch_size=batch_size, device=device, dtype=dtype, bf16=bf16,
         channels_last=channels_last, workers=workers, seed=seed,
     )
-    print(feats)
+    if distributed.is_main():  # under torchrun, one line from rank 0 only
+        print(feats)

@@ -31,6 +31,10 @@ def command(
     amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA and for CPUs with native bf16]."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format [default: on]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun) [one per GPU]."),
+    nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes [default: $SLURM_JOB_ID, else sslctl]."),
 ) -> None:
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
@@ -43,10 +47,13 @@ def command(
         sslctl shard ~/data/fashion-mnist shards/ | sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
 
         torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
+
+        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4   (the same, torchrun started for you)
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
     from sslctl.data import load_manifest
+    from sslctl.launch import launch
     from sslctl.recipes import load_recipe, recipe_path
     from sslctl.train import pretrain
 
@@ -60,6 +67,9 @@ def command(
     if batch_size is not None:
         overrides.append(f"optim.batch_size={batch_size}")
     cfg = load_recipe(recipe, variant=variant, overrides=overrides, image_size=max(size) if size else None)
+    from_stdin = str(shards_path) if shards in (None, "-") else None
+    if launch(nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, stdin_path=from_stdin):
+        return  # the processes ran; rank 0 printed RUN_DIR
     run_dir = pretrain(
         shards_path, cfg, out, device=device, resume=resume, seed=seed, workers=workers, compile=compile_,
         checkpoint_every=checkpoint_every, log_every=log_every, monitor_split=monitor, monitor_every=monitor_every,
