@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import warnings
 import zlib
 from pathlib import Path
@@ -334,5 +335,14 @@ def make_loader(
         drop_last=False,  # blocks are whole batches already; the last partial one is wanted
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_leave_signals_to_the_main_process,
     )
     return ShardLoader(dataset, loader, steps)
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C and torchrun/SLURM's SIGTERM reach the whole process group. A worker killed by
+    them makes the main process raise mid-step, before it can save a checkpoint; so workers
+    ignore them, and the main process finishes its step, saves, and shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
