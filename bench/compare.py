@@ -50,7 +50,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(BENCH), str(REPO)]  # peak_flops, _lightly_side; sslctl without an install
 
 import peak_flops  # noqa: E402
 
@@ -122,13 +122,27 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _hwm_kb(pid: int) -> int:
+    """The kernel's high-water RSS of the process's current image (VmHWM; reset by exec, unlike
+    getrusage's maxrss, which carries the parent's peak over a fork + exec)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class TreeMemory(threading.Thread):
-    """Peak PSS (proportional set size: shared pages split between the processes sharing them) of
-    a process and its descendants (DataLoader workers), sampled every `every` seconds."""
+    """Peak RSS of a process (its VmHWM, read until it exits) and peak PSS (proportional set size:
+    shared pages split between the processes sharing them) of it and its descendants (DataLoader
+    workers), sampled every `every` seconds."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
-        self.pid, self.every, self.peak_kb = pid, every, 0
+        self.pid, self.every, self.peak_kb, self.hwm_kb = pid, every, 0, 0
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -139,6 +153,7 @@ class TreeMemory(threading.Thread):
                 pids.append(p)
                 frontier += _children(p)
             self.peak_kb = max(self.peak_kb, sum(_pss_kb(p) for p in pids))
+            self.hwm_kb = max(self.hwm_kb, _hwm_kb(self.pid))
             self._done.wait(self.every)
 
     def stop(self) -> int:
@@ -149,7 +164,7 @@ class TreeMemory(threading.Thread):
 
 def run_process(cmd: list[str], log_path: Path, deadline: float | None = None) -> dict:
     """Run `cmd` (stdout+stderr to log_path); SIGTERM it at `deadline` (unix time). Returns exit
-    code, wall seconds, peak RSS of the process itself (kernel's maxrss) and sampled tree PSS."""
+    code, wall seconds, peak RSS of the process itself and the sampled peak PSS of its tree."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     start = time.time()
     with open(log_path, "w") as out:
@@ -158,7 +173,7 @@ def run_process(cmd: list[str], log_path: Path, deadline: float | None = None) -
         sampler.start()
         signalled = False
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
             if pid:
                 break
             if deadline and not signalled and time.time() >= deadline:
@@ -169,7 +184,7 @@ def run_process(cmd: list[str], log_path: Path, deadline: float | None = None) -
     peak_pss = sampler.stop()
     return {
         "returncode": proc.returncode, "wall_s": time.time() - start, "signalled": signalled,
-        "peak_rss_mb": usage.ru_maxrss / 1024, "peak_tree_pss_mb": peak_pss / 1024,
+        "peak_rss_mb": sampler.hwm_kb / 1024, "peak_tree_pss_mb": peak_pss / 1024,
     }
 
 
@@ -492,6 +507,10 @@ def main() -> None:
     flops = flops_table(args, pairs)
 
     runs, stamp = [], datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or BENCH / "results" / f"{args.protocol}-{args.device.split(':')[0]}-{stamp}{'-' + args.label if args.label else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+    floor = floors(args) if not b1 else None
     for rep in range(repeats):
         for i, method in enumerate(methods):
             order = [lib for lib, m in pairs if m == method]
@@ -513,8 +532,7 @@ def main() -> None:
                     r["knn"] = knn_of_encoder(Path(r["run"]) / "encoder.safetensors", args)
                     log(f"    kNN top-1 {r['knn']}")
                 runs.append(r)
-
-    floor = floors(args) if not b1 else None
+                partial.write_text(json.dumps({"argv": sys.argv, "machine": info, "peak_flops": peak, "floors": floor, "runs": runs}))
     summary = summarise(runs, args.warmup, flops, peak)
     table = markdown(summary, args.protocol, floor)
     header = (
@@ -525,8 +543,6 @@ def main() -> None:
         f"load average at the end {os.getloadavg()[0]:.1f}"
     )
     print(header + "\n\n" + table + "\n")
-    out = args.out or BENCH / "results" / f"{args.protocol}-{args.device.split(':')[0]}-{stamp}{'-' + args.label if args.label else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "protocol": args.protocol, "label": args.label, "argv": sys.argv, "machine": info, "peak_flops": peak,
         "flops_per_step": flops, "batch": BATCH, "steps": steps, "warmup": args.warmup, "repeats": repeats,
@@ -534,6 +550,7 @@ def main() -> None:
         "runs": runs, "table": table, "header": header,
     }
     out.write_text(json.dumps(record, indent=1))
+    partial.unlink(missing_ok=True)
     log(f"results: {out}")
 
 
