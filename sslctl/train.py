@@ -108,15 +108,17 @@ class _StepModule(nn.Module):
 
 
 class _StopSignals:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and exits. A second signal
-    of the same kind aborts at once (the last checkpoint stays)."""
+    """SIGTERM / SIGUSR1 (a batch system's warning) / SIGINT set a flag; the loop finishes the
+    step, saves and exits. A second SIGINT (Ctrl-C) aborts at once (the last checkpoint stays);
+    a repeated SIGTERM/SIGUSR1 is ignored, since a cluster may deliver the same warning twice
+    (to the job and through torchrun)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
@@ -124,9 +126,10 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -217,7 +220,7 @@ class Engine:
         self.metrics_path = self.out / "metrics.jsonl"
 
         # Resume decision first: a mismatch must fail before minutes of setup.
-        self.state: dict | None = None
+        state: dict | None = None
         self._saved_step: int | None = None  # the step of the checkpoint on disk
         if self.ckpt_path.exists():
             if resume == "never":
@@ -225,11 +228,13 @@ class Engine:
                     f"{self.out} already holds a run ({self.ckpt_path}); pass --resume auto to continue it "
                     "or choose a new --out"
                 )
-            self.state = ckpt.load(self.ckpt_path)
-            ckpt.check_same_recipe(self.state["recipe"], self.recipe_text, self.out / "recipe.toml", self.recipe_file)
+            state = ckpt.load(self.ckpt_path)
+            ckpt.check_same_recipe(state["recipe"], self.recipe_text, self.out / "recipe.toml", self.recipe_file)
 
         # Data: the recipe's batch is global; each rank loads its share.
         self.manifest = load_manifest(self.shards)
+        if monitor_split:
+            self._check_monitor_split()
         batch = int(cfg["optim"]["batch_size"])
         if batch % self.world:
             raise UserError(f"optim.batch_size = {batch} is not divisible by the {self.world} processes; pick a multiple")
@@ -241,8 +246,6 @@ class Engine:
         self.epochs = int(cfg["schedule"]["epochs"])
         self.total_steps = self.epochs * self.steps_per_epoch
         self.last_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        if monitor_split:
-            self._check_monitor_split()
 
         # Model: identical initialisation on every rank (seed), then per-rank RNG streams.
         _seed_all(seed)
@@ -256,8 +259,9 @@ class Engine:
         self.step = self.epoch = self.position = 0
         self.window = _Window()
         self.setup_done = False
-        if self.state is not None:
-            self._restore(self.state)
+        if state is not None:
+            self._restore(state)
+            del state  # the model and optimizer hold their own copies now
         self.step_fn = self._wrap()
 
         if self.main:
@@ -268,7 +272,7 @@ class Engine:
                 f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, bf16 {'on' if self.amp else 'off'}, "
                 f"channels_last {'on' if self.channels_last else 'off'}, {self.workers} loader workers"
             )
-            if self.state is not None:
+            if self._saved_step is not None:
                 console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 
     # -------------------------------------------------------------------------- construction
@@ -301,12 +305,13 @@ class Engine:
             return self.method.training_step
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Buffers (queues, banks, BN statistics) are kept identical by the methods themselves;
-        # DDP's per-step buffer broadcast would copy a 65536-column queue every step.
+        # Buffers (queues, banks, BN statistics) are synced once at construction and then kept
+        # identical by the methods themselves; DDP's per-step buffer broadcast would copy a
+        # 65536-column queue every step.
         return DDP(
             _StepModule(self.method),
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
 
     def _restore(self, state: dict) -> None:
@@ -316,6 +321,15 @@ class Engine:
         self._saved_step = self.step
         self.window = _Window(state.get("window"))
         self.setup_done = bool(state.get("setup_done", True))
+        if self.main and state.get("shards") != self.manifest.get("fingerprint"):
+            console.warn(f"resuming on other shards than the run started with ({self.manifest['path']})")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            if self.main:
+                console.warn(
+                    f"the checkpoint counted {state['steps_per_epoch']} steps per epoch, this run has "
+                    f"{self.steps_per_epoch}: the current epoch restarts from its first batch"
+                )
+            self.position = 0
         rngs = state["rng"]
         if len(rngs) != self.world and self.main:
             console.warn(
@@ -339,6 +353,7 @@ class Engine:
             "epoch": self.epoch,
             "position": self.position,
             "steps_per_epoch": self.steps_per_epoch,
+            "shards": self.manifest.get("fingerprint"),
             "window": self.window.state(),
             "setup_done": self.setup_done,
             "rng": rngs,
@@ -375,7 +390,10 @@ class Engine:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.toml", self.recipe_text)
             ckpt.truncate_metrics(self.metrics_path, self.step)  # entries past the checkpoint go
-        with _StopSignals() as signals:
+        # A live bar (images/s, ETA) on a terminal, for rank 0; the log lines say the same in files.
+        with _StopSignals() as signals, console.progress("images") as self.bar:
+            self.bar_task = self.bar.add_task("pretrain", total=self.last_step * self.batch, completed=self.step * self.batch,
+                                              visible=self.main)
             if not self.setup_done:
                 self._setup()
             while self.step < self.last_step:
@@ -425,37 +443,49 @@ class Engine:
         self.save_checkpoint()
 
     def _epoch(self, signals: _StopSignals) -> None:
-        """Steps until the epoch ends or the run's last step; saves and raises on a signal."""
+        """Steps until the epoch ends or the run's last step. A signal stops the run between
+        steps: every rank agrees on it before the next step starts, so all save the same step."""
         self.method.train()
         batches = self._batches(self.epoch, self.position)
         while self.step < self.last_step:
             t_fetch = time.perf_counter()
-            views = next(batches)
+            try:
+                views = next(batches)
+            except Exception:
+                # Ctrl-C and torchrun's SIGTERM also reach the loader's workers; a fetch failing
+                # after a signal is the signal, not a data error.
+                if signals.signum is None:
+                    raise
+            if self._agree(signals.signum is not None):
+                self._interrupted(signals.signum)
             t_ready = time.perf_counter()
             scalars = self._train_step(views)
             self.step, self.position = self.step + 1, self.position + 1
             epoch_done = self.position == self.steps_per_epoch
             if epoch_done:
                 self.epoch, self.position = self.epoch + 1, 0
-            stop, bad = self._agree(signals.signum is not None, not math.isfinite(scalars["loss"]))
-            if bad:
+            if self._agree(not math.isfinite(scalars["loss"])):
                 self._fail_nonfinite(scalars)
             self.window.add(scalars, t_ready - t_fetch, time.perf_counter() - t_fetch)
+            self.bar.update(self.bar_task, completed=self.step * self.batch,
+                            description=f"epoch {self.epoch + (self.position > 0)}/{self.epochs} loss {scalars['loss']:.4f}")
             if self.step % self.log_every == 0 or epoch_done or self.step == self.last_step:
                 self._log()
             if epoch_done:
                 self._epoch_end()
-            elif stop or self.step % self.checkpoint_every == 0:
-                self.save_checkpoint()
-            if stop:
-                signum = signals.signum or signal.SIGTERM  # another rank's signal: report SIGTERM
-                raise Interrupted(
-                    signum,
-                    f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint saved to "
-                    f"{self.ckpt_path}. Run the same command again to resume.",
-                )
-            if epoch_done:
                 return
+            if self.step % self.checkpoint_every == 0:
+                self.save_checkpoint()
+
+    def _interrupted(self, signum: int | None) -> None:
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        signum = signum or signal.SIGTERM  # the signal reached another rank: report SIGTERM
+        raise Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint saved to "
+            f"{self.ckpt_path}. Run the same command again to resume.",
+        )
 
     def _train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
         progress = Progress(step=self.step, total_steps=self.total_steps, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch)
@@ -471,15 +501,17 @@ class Engine:
         self.optimizer.step()
         self.method.after_optimizer_step(progress)
         # One host sync per step: a bad loss must be caught before a checkpoint could keep it.
-        return {key: float(value.detach()) for key, value in out.items()}
+        # Logged values are the global batch's: the mean over ranks (a loss is a per-rank mean).
+        scalars = dist.all_reduce_mean(torch.stack([value.detach().float() for value in out.values()]))
+        return dict(zip(out, scalars.tolist()))
 
-    def _agree(self, stop: bool, bad: bool) -> tuple[bool, bool]:
-        """Every rank stops at the same step: a signal or a bad loss on any rank counts for all."""
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a signal or a bad loss stops all at one step)."""
         if self.world == 1:
-            return stop, bad
-        flags = torch.tensor([float(stop), float(bad)], device=self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def _lr(self, step: int) -> float:
         return lr_at(step, self.steps_per_epoch, self.cfg["schedule"], self.peak_lr)
@@ -535,7 +567,8 @@ class Engine:
             size = int(self.cfg["augment"]["crop_size"])
             bank, bank_labels = self._embed_split("train", size)
             queries, query_labels = self._embed_split(self.monitor_split, size)
-            results = weighted_knn(bank, bank_labels, queries, query_labels, ks=(20, 200), temperatures=(0.07, 0.1))
+            ks = [min(k, len(bank)) for k in (20, 200)]  # PROTOCOLS.md E1's two defaults, capped by a small bank
+            results = weighted_knn(bank, bank_labels, queries, query_labels, ks=ks, temperatures=(0.07, 0.1))
             record = {"step": self.step, "epoch": self.epoch - 1, "monitor": self.monitor_split}
             for r in results:
                 record[f"knn_top1_k{r['k']}"] = r["top1"]

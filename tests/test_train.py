@@ -1,0 +1,374 @@
+"""The training engine (sslctl/train.py, sslctl/checkpoint.py) and `sslctl pretrain`.
+
+Real shards made by `sslctl shard` from the embedded Fashion-MNIST subset, real methods, real
+subprocesses killed with real signals. The model is kept tiny (ResNet-18 small stem at 16 px,
+batch 16, small queues) so every run takes seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslctl import checkpoint as ckpt
+from sslctl.paths import EMBEDDED_DATASET
+from tests.conftest import run_cli
+
+TINY = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
+    "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.queue_size=64",
+    "--set", "method.bn_splits=2", "--log-every", "1", "--seed", "3",
+]
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# Keys of a metrics line that must be identical between a resumed and an uninterrupted run
+# (timings are not).
+EXACT_KEYS = ("step", "epoch", "loss", "lr", "z_std", "monitor", "knn_top1_k20", "knn_top1_k96")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """96 train + 48 test images of the embedded set as class folders, sharded by `sslctl shard`.
+    6 steps per epoch at batch 16, so runs cross epoch boundaries within seconds."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny-fmnist")
+    for split, prefix, n in (("train", "train", 96), ("test", "t10k", 48)):
+        images = _read_idx(EMBEDDED_DATASET / f"{prefix}-images-idx3-ubyte.gz")[:n]
+        labels = _read_idx(EMBEDDED_DATASET / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = root / "images" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i:04d}.png")
+    out = root / "shards"
+    done = run_cli("shard", str(root / "images"), str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _pretrain(shards: Path, out: Path, *args: str, recipe: str = "moco_v2") -> list:
+    return [sys.executable, "-m", "sslctl", "pretrain", str(shards), "--recipe", recipe, "--out", str(out), *TINY, *args]
+
+
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, **kw)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in EXACT_KEYS} for line in lines]
+
+
+def _wait_for_steps(proc: subprocess.Popen, metrics: Path, steps: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before step {steps}: {proc.stderr.read()}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no step {steps} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 14-step run (crosses the first epoch's end at step 6), 2 loader workers."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = _run(_pretrain(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "2"))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    cmd = _pretrain(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    _wait_for_steps(proc, out / "metrics.jsonl", 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 4 <= killed_at < 14  # a mid-way checkpoint, not the finished run
+
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out / 'checkpoints' / 'last.pt'} at step {killed_at}" in resumed.stderr.replace("\n", " ")
+    # The file equals an uninterrupted run's: lines past the checkpoint were dropped, not repeated.
+    assert _metrics(out) == _metrics(reference)
+    assert [m["step"] for m in _metrics(out)] == list(range(1, 15))
+
+
+def test_sigterm_saves_exits_143_and_resumes_exactly(shards, reference, tmp_path):
+    out = tmp_path / "run"
+    cmd = _pretrain(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "100")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    _wait_for_steps(proc, out / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stdout == ""  # no RUN_DIR: the run did not finish
+    assert "SIGTERM" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert 3 <= state["step"] < 14  # saved at the signal, not by --checkpoint-every
+    assert len(_metrics(out)) == state["step"]
+
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(out) == _metrics(reference)
+
+
+def test_sigint_saves_and_exits_130(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _pretrain(shards, out, "--max-steps", "200", "--workers", "0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    _wait_for_steps(proc, out / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT" in stderr and "Traceback" not in stderr
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] >= 2
+
+
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("moco_v2", []),  # queue + pointer, key encoder, split BN
+        ("adco", ["method.bank_size=64"]),  # adversarial bank + its velocity, ad_init (setup) before epoch 0
+        ("byol", ["method.base_tau=0.9"]),  # EMA target, predictor
+        ("simclr", []),  # LARS state
+    ],
+)
+def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
+    """In-process: 4 steps, then resume to 9 (across the epoch end at 6) == 9 uninterrupted steps,
+    in the losses and in every tensor of the final checkpoint (model, method state, optimizer)."""
+    from sslctl.recipes import load_recipe
+    from sslctl.train import pretrain
+
+    overrides = ["augment.crop_size=16", "optim.batch_size=16", *extra]
+    if recipe == "moco_v2":
+        overrides += ["method.queue_size=64", "method.bn_splits=2"]
+    cfg = load_recipe(recipe, variant="small", overrides=overrides)
+    kw = dict(workers=0, log_every=1, seed=1)
+    pretrain(shards, cfg, tmp_path / "a", max_steps=9, **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=4, **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=9, **kw)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 9 and a["epoch"] == b["epoch"] == 1 and a["position"] == b["position"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
+
+
+def test_rerun_of_a_finished_run_is_a_no_op_and_a_changed_recipe_is_refused(shards, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = (out / "metrics.jsonl").read_text()
+    code, stdout, stderr = _cli(capsys, *_pretrain(shards, out, "--max-steps", "14", "--workers", "2")[3:])
+    assert code == 0, stderr
+    assert stdout == f"{out}\n" and (out / "metrics.jsonl").read_text() == before
+
+    code, stdout, stderr = _cli(capsys, *_pretrain(shards, out, "--max-steps", "14", "--set", "optim.lr=0.5")[3:])
+    assert code == 2 and stdout == "" and "Traceback" not in stderr
+    assert str(out / "recipe.toml") in stderr and "recipes/moco_v2.toml" in stderr
+    assert "'optim.lr'" in stderr and "0.5" in stderr
+    assert (out / "metrics.jsonl").read_text() == before  # untouched
+
+    code, _, stderr = _cli(capsys, *_pretrain(shards, out, "--max-steps", "14", "--resume", "never")[3:])
+    assert code == 2 and "--resume auto" in stderr
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    done = _run(_pretrain(shards, out, "--max-steps", "20", "--checkpoint-every", "1", "--workers", "0",
+                          "--set", "optim.lr=1e30", "--set", "optim.scaling=none"))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    bad_step = state["step"] + 1  # the checkpoint is the last step with a finite loss
+    assert f"at step {bad_step} " in message and "learning rate" in message
+    assert f"(step {state['step']}) is kept" in message
+    assert all(np.isfinite(m["loss"]) for m in _metrics(out))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["/nonexistent/shards", "--recipe", "moco_v2"], "no shards manifest"),
+        (["SHARDS", "--recipe", "moco_v9"], "moco_v2"),  # the closest recipe name
+        (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lrr=0.1"], "Closest valid key: optim.lr"),
+        (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lr=fast"], "optim.lr"),
+        (["SHARDS", "--recipe", "moco_v2", "--monitor", "val"], "has splits train, test"),
+        (["SHARDS", "--recipe", "moco_v2", "--device", "tpu"], "--device"),
+        (["SHARDS", "--recipe", "moco_v2", "--bogus-flag"], "--bogus-flag"),
+    ],
+)
+def test_bad_inputs_exit_2_without_traceback(shards, tmp_path, capsys, args, expected):
+    args = [str(shards) if a == "SHARDS" else a for a in args]
+    code, stdout, stderr = _cli(capsys, "pretrain", *args, "--out", str(tmp_path / "run"), "--batch-size", "16", "--max-steps", "1")
+    assert code == 2, stderr
+    assert expected in stderr and "Traceback" not in stderr
+    assert stdout == ""
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`sslctl ARGS` in this process (the same main() as the console script): exit code, stdout,
+    stderr with whitespace runs joined."""
+    from sslctl.cli import main
+
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = ["sslctl", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def test_outputs_stdout_stdin_encoder_and_monitor(shards, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("pretrain", "-", "--recipe", "moco_v2", "--out", str(out), *TINY, "--epochs", "2",
+                   "--monitor", "test", "--workers", "1", stdin=f"{shards / 'manifest.json'}\n", env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{out}\n"  # stdout carries RUN_DIR only
+
+    # recipe.toml: the resolved recipe, with the overrides
+    import tomllib
+
+    recipe = tomllib.loads((out / "recipe.toml").read_text())
+    assert recipe["recipe"]["variant"] == "small" and recipe["schedule"]["epochs"] == 2
+    assert recipe["optim"]["batch_size"] == 16 and recipe["augment"]["crop_size"] == 16
+
+    # metrics: one line per step (log-every 1) plus a kNN monitor line per epoch
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    monitors = [m for m in lines if "monitor" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    assert [m["epoch"] for m in steps] == [0] * 6 + [1] * 6
+    assert all({"lr", "images_per_s", "data_wait_pct", "z_std"} <= set(m) for m in steps)
+    assert [(m["step"], m["epoch"]) for m in monitors] == [(6, 0), (12, 1)]
+    assert all(0 <= m["knn_top1_k20"] <= 100 and 0 <= m["knn_top1_k96"] <= 100 for m in monitors)  # k=200 capped by the 96-image bank
+    assert "kNN top-1 on test" in done.stderr and "ETA" in done.stderr and "data-wait" in done.stderr
+
+    # the lr follows the recipe's per-epoch cosine from its batch-scaled peak
+    peak = 0.06 * 16 / 512
+    assert steps[0]["lr"] == pytest.approx(peak) and steps[6]["lr"] == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi / 2)))
+
+    # encoder.safetensors loads strictly into torchvision's resnet18 with the small stem and
+    # holds the trained backbone (equal to the checkpoint's)
+    import torchvision
+    from safetensors.torch import load_file
+
+    from sslctl.encoders import apply_small_stem, strip_classifier
+
+    model = torchvision.models.resnet18()
+    apply_small_stem(model)
+    strip_classifier(model)
+    weights = load_file(str(out / "encoder.safetensors"))
+    model.load_state_dict(weights, strict=True)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 12 and state["epoch"] == 2 and state["position"] == 0
+    for key, value in weights.items():
+        assert torch.equal(value, state["model"][f"backbone.{key}"].contiguous()), key
+    assert not torch.equal(weights["conv1.weight"], _initial_conv1(recipe))
+
+
+def _initial_conv1(recipe: dict) -> torch.Tensor:
+    """The backbone's conv1 at initialisation (seed 3, as TINY): training must have moved it."""
+    from sslctl.methods import build_method
+
+    torch.manual_seed(3)
+    return build_method(recipe).backbone.conv1.weight.detach()
+
+
+# ------------------------------------------------------------------------------ checkpoint helpers
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ckpt.save(tmp_path / "c.pt", {"rng": [ckpt.rng_state()]})
+    expected = (torch.rand(3), np.random.normal(size=3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ckpt.set_rng_state(ckpt.load(tmp_path / "c.pt")["rng"][0])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.normal(size=3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_first_difference_names_the_first_differing_dotted_key():
+    a = {"optim": {"lr": 0.1, "momentum": 0.9}, "schedule": {"epochs": 10}}
+    assert ckpt.first_difference(a, a) is None
+    assert ckpt.first_difference(a, {**a, "optim": {"lr": 0.2, "momentum": 0.9}}) == ("optim.lr", 0.1, 0.2)
+    assert ckpt.first_difference(a, {**a, "schedule": {}}) == ("schedule.epochs", 10, "<absent>")
+
+
+def test_truncate_metrics_drops_lines_past_the_step_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 2, "monitor": "test"}\n{"step": 3}\n{"st')
+    ckpt.truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2, "monitor": "test"}\n'
+
+
+def test_a_corrupt_checkpoint_is_a_user_error(tmp_path):
+    from sslctl.errors import UserError
+
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read the checkpoint"):
+        ckpt.load(tmp_path / "last.pt")
+
+
+def test_two_process_run_splits_the_global_batch_and_writes_once(shards, tmp_path):
+    """torchrun with 2 gloo processes: batch 16 global = 8 per process, one RUN_DIR line on
+    stdout (rank 0), one metrics line per step, both ranks' RNG states in the checkpoint."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sslctl", "pretrain", str(shards), "--recipe", "moco_v2", "--out", str(out), *TINY,
+           "--max-steps", "3", "--workers", "0"]
+    done = _run(cmd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{out}\n"
+    assert "batch 16 global = 8 per process" in done.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams
