@@ -5,13 +5,12 @@ weight each neighbour by exp(sim / T); a class scores the sum of its neighbours'
 prediction is the arg-max (top-5: the five best class scores, among classes that got a vote). One search at the largest k
 serves every (k, T) pair, because the first k of the top-K neighbours are the top-k.
 
-Search backends (all exact unless named otherwise):
+Search backends (both exact):
     faiss   IndexFlatIP (on the GPU when faiss has GPU support and CUDA is present)
-    torch   chunked matmul + topk on the features' device (the brute-force reference)
-    bf16    candidates from a bf16 matmul (about 3x faster on CPUs with AVX512-BF16), re-ranked
-            with exact fp32 similarities; a query whose exact top-k cannot be proven to lie
-            among its candidates (error bound below) is searched again exactly, so the
-            neighbours equal the exact ones.
+    torch   chunked matmul + topk on the features' device (the brute-force reference; the
+            default for CUDA features when faiss has no GPU support)
+A bf16 candidate search with an exact fp32 re-rank was measured and lost on this CPU (see
+docs/evaluate.md and bench/bench_knn.py, where it lives on as a measured alternative).
 """
 
 from __future__ import annotations
@@ -26,13 +25,7 @@ import torch.nn.functional as F
 from sslctl.errors import UserError
 
 DEFAULT_PAIRS: tuple[tuple[int, float], ...] = ((20, 0.07), (200, 0.1))
-BACKENDS = ("auto", "faiss", "torch", "bf16")
-
-# Largest |bf16 similarity - exact similarity| for unit vectors: rounding both inputs to bf16
-# (unit roundoff u = 2^-9) perturbs each product a_i*b_i by at most (2u + u^2)|a_i b_i|, so the
-# dot product by at most (2u + u^2)|a||b| <= 2^-8 + 2^-18; rounding the result to bf16 adds at
-# most u|s| <= 2^-9; fp32 accumulation and normalisation error stay far below the 1e-4 slack.
-BF16_SIM_ERROR = 2**-8 + 2**-18 + 2**-9 + 1e-4
+BACKENDS = ("auto", "faiss", "torch")
 
 Searcher = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -151,9 +144,7 @@ def make_searcher(bank: torch.Tensor, backend: str = "auto") -> tuple[Searcher, 
         backend = "torch" if bank.is_cuda and not _faiss_gpu() else "faiss"
     if backend == "faiss":
         return _faiss_searcher(bank), "faiss-gpu" if bank.is_cuda and _faiss_gpu() else "faiss"
-    if backend == "torch":
-        return _torch_searcher(bank), "torch"
-    return _bf16_searcher(bank), "bf16"
+    return _torch_searcher(bank), "torch"
 
 
 def _faiss_gpu() -> bool:
@@ -185,28 +176,6 @@ def _torch_searcher(bank: torch.Tensor) -> Searcher:
     def search(q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         with _exact_fp32_matmul():
             return (q @ bank.T).topk(k, dim=1)
-
-    return search
-
-
-def _bf16_searcher(bank: torch.Tensor, extra: int | None = None) -> Searcher:
-    bank16 = bank.bfloat16()
-    exact = _torch_searcher(bank)
-
-    def search(q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n_cand = min(bank.shape[0], 2 * k if extra is None else k + extra)
-        approx, cand = (q.bfloat16() @ bank16.T).topk(n_cand, dim=1)
-        sims = torch.empty(q.shape[0], n_cand, device=q.device)
-        for s in range(0, q.shape[0], 256):  # bounded gather: 256 x n_cand x D
-            sims[s : s + 256] = torch.einsum("md,mkd->mk", q[s : s + 256], bank[cand[s : s + 256]])
-        sims, order = sims.topk(k, dim=1)
-        idx = cand.gather(1, order)
-        # A non-candidate scores at most approx[:, -1] in bf16, so at most that + error exactly:
-        # if the exact k-th best beats that bound, no non-candidate can belong to the top k.
-        unproven = sims[:, -1] <= approx[:, -1].float() + BF16_SIM_ERROR
-        if n_cand < bank.shape[0] and unproven.any():
-            sims[unproven], idx[unproven] = exact(q[unproven], k)
-        return sims, idx
 
     return search
 
