@@ -291,6 +291,53 @@ def test_compare_names_must_be_maps_of_the_encoder():
         amdim("loss.similarity=cosine")
 
 
+# ------------------------------------------------------------------ two processes
+
+
+def _two_process_worker(rank: int, init_file: str) -> None:
+    """Global negatives: each rank holds half the batch and gathers the targets with gradient.
+    The per-rank losses average to the one-process loss on the whole batch, and the
+    rank-averaged parameter gradients (what DDP applies) equal its gradients."""
+    import torch.distributed as tdist
+
+    from sslctl import distributed as dist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        b, n = 3, 6
+        mine = slice(rank * b, (rank + 1) * b)
+        g = torch.Generator().manual_seed(0)
+        views = [torch.randn(n, 3, 32, 32, generator=g) for _ in range(2)]
+        from tests.test_cpc import cpc
+
+        cases = [
+            # 1x1 sources: no random location, so both runs compare the same vectors; eval-mode BN
+            # (running statistics) so the two halves are normalised like the whole batch
+            (lambda gather: amdim('method.compare=["1>5","1>7"]', f"method.global_negatives={gather}").eval(), views),
+            (lambda gather: cpc(f"method.global_negatives={gather}"), views[:1]),
+        ]
+        for make, xs in cases:
+            ref = make("false")  # the whole batch in this process, nothing gathered
+            ref_loss = ref.training_step(xs)["loss"]
+            ref_loss.backward()
+            m = make("true")  # same seed: the same weights on every rank, as DDP makes them
+            loss = m.training_step([x[mine] for x in xs])["loss"]
+            loss.backward()
+            torch.testing.assert_close(dist.all_reduce_mean(loss.detach().clone()), ref_loss.detach(), rtol=1e-5, atol=1e-5)
+            grads = torch.cat([p.grad.flatten() for p in m.trainable_parameters() if p.grad is not None])
+            ref_grads = torch.cat([p.grad.flatten() for p in ref.trainable_parameters() if p.grad is not None])
+            torch.testing.assert_close(dist.all_reduce_mean(grads), ref_grads, rtol=1e-4, atol=1e-6)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_with_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
 # ------------------------------------------------------------------ real run
 
 
@@ -299,7 +346,7 @@ def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_th
     shards = shard_mini(tmp_path / "shards")
     overrides = ["encoder.ndf=32", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
                  "optim.lr=1e-3", "schedule.warmup_steps=0"]
-    cfg, run, records = short_run(shards, "amdim", tmp_path / "run", 120, *overrides)
+    cfg, run, records = short_run(shards, "amdim", tmp_path / "run", 100, *overrides)
     first, last = first_and_last_losses(records)
     assert last < first - 3.0, records  # the summed three-task loss falls (about 30 -> 19 here)
     # every task ends below its equal-score value log(1 + (B - 1) L): better than chance

@@ -91,7 +91,11 @@ def test_one_line_resnet18_swap_trains(tmp_path, one_thread):
         shards, "yadim", tmp_path / "run", 40, "encoder.name=resnet18", "optim.batch_size=32", "optim.base_batch=32",
         "optim.lr=1e-3", "schedule.warmup_steps=0",
     )
+    # ResNet-18's layer4 scores start large (|s| ~ 10; the regulariser is ~5): the loss falls as
+    # they come under control (12.6 -> 6.3 here) and the NCE falls with it (7.6 -> 6.2). It passes
+    # its equal-score value log(1 + 31 * 16) = 6.21 after ~50 steps (5.84 at step 100).
     first, last = first_and_last_losses(records)
-    assert last < first, records
-    trained, meta = load_encoder(run / "encoder.safetensors")
-    assert meta["arch"] == "resnet18" and meta["small_stem"]  # a plain torchvision ResNet-18 file
+    assert last < first - 2, records
+    assert records[-1]["nce_last>last"] < records[0]["nce_last>last"] - 0.5, records
+    trained, meta = load_encoder(run / "encoder.safetensors")  # strict load into torchvision's resnet18
+    assert isinstance(trained, torchvision.models.ResNet) and meta["arch"] == "resnet18" and meta["small_stem"]
