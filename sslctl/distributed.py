@@ -2,6 +2,7 @@
 
 Process groups are started by `init_from_env()` from torchrun's (or SLURM's) environment: nccl
 on CUDA, gloo on the CPU. Everything else here works with or without a process group.
+`convert_sync_batchnorm` gives BN statistics over the global batch on either backend.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 
 def is_dist() -> bool:
@@ -117,3 +120,68 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM over ranks; the backward is a SUM of the gradients too (every rank's loss depends on
+    every rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for processes on the CPU (gloo), where torch's has no kernel (and DDP refuses
+    nn.SyncBatchNorm on CPU modules): training statistics over the global batch by differentiable
+    all-reduces of the per-channel sums (two passes, mean then variance, for accuracy). The
+    parameters, buffers and state_dict keys are BatchNorm's; evaluation, and a world of one, are
+    plain BN. Any input of 2 or more dimensions (N x C x ...)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an N x C (x ...) input, got {x.dim()} dimensions")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = x.numel() // x.shape[1]
+        sums = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([count])]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), factor)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm*d of `module` computes training statistics over all ranks' samples:
+    nn.SyncBatchNorm under nccl, GlooSyncBatchNorm under gloo; unchanged at world size 1.
+    Parameters are kept (same objects)."""
+    if world_size() == 1:
+        return module
+    if dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            m.__class__ = GlooSyncBatchNorm  # same state, global statistics
+    return module

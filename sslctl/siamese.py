@@ -100,8 +100,6 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 
 def use_sync_bn(module: nn.Module, enabled: bool) -> nn.Module:
     """BN statistics over the global batch (SimCLR's global BN, BYOL's cross-replica BN) when
-    `enabled` and the processes run on GPUs (nccl). SyncBatchNorm has no CPU kernel, so with gloo
-    every process keeps its own statistics. Parameters are kept (same objects)."""
-    if enabled and dist.world_size() > 1 and torch.distributed.get_backend() == "nccl":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
+    `enabled` and several processes run (nccl or gloo, dist.convert_sync_batchnorm).
+    Parameters are kept (same objects)."""
+    return dist.convert_sync_batchnorm(module) if enabled else module

@@ -1,0 +1,350 @@
+"""Data-parallel training and embedding (issue 5; METHODS.md §0.6 and each method's part (f)).
+
+Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
+semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
+`sslctl ... --nproc 2` subprocesses (torch.distributed.run) for the launcher, the distributed
+embed and the SIGTERM -> checkpoint -> resume path. Models are tiny (ResNet-18 small stem at 8 to
+16 px, 4 images per rank) so each test takes seconds.
+
+How BN is made comparable between 2 ranks x B images and 1 rank x 2B images:
+- SimCLR, BYOL, SwAV: `method.sync_bn = true`, the recipes' setting. Under gloo it is
+  distributed.GlooSyncBatchNorm, so the batch statistics are the global batch's, as with one
+  process; BN stays in training mode.
+- MoCo v2, AdCo: shuffle-BN gives each rank's key encoder the statistics of a random B-subset of
+  the global batch, and SplitBatchNorm in one process uses interleaved sub-batches: these
+  cannot give the same numbers by design. So every BN runs in eval mode (running statistics),
+  which makes each encoder a per-sample function; then the only differences left between the
+  two setups are the ones issue 5 is about (keys gathered without gradient, the queue / bank
+  update, the positive at the global index, gradient and bank-gradient averaging, the lr). The
+  shuffle itself is tested in test_methods_founding.py (shuffled_keys undoes it on 2 ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslctl import distributed as dist
+from sslctl.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+B = 4  # images per rank; the global batch is 2B
+STEPS = 3
+# [recipe overrides] that keep one step to milliseconds; warmup 0 so the first step moves the weights
+TINY = ["augment.crop_size=8", "optim.batch_size=8", "schedule.warmup_epochs=0"]
+METHODS = {
+    "moco_v2": ["method.queue_size=32"],
+    "adco": ["method.bank_size=32", "method.ad_init=false"],  # ad_init on 2 ranks: test_methods_founding.py
+    "simclr": ["method.sync_bn=true"],
+    "byol": ["method.sync_bn=true", "head.projector_hidden=[64]", "head.predictor_hidden=[64]"],
+    "swav": ["method.sync_bn=true", "augment.extra_crops=2", "augment.extra_crop_size=8", "head.prototypes=16",
+             "head.projector_hidden=[64]", "optim.lr=0.3"],
+}
+FROZEN_BN = {"moco_v2", "adco"}  # see the module docstring
+# Allowed difference of the weight updates, as a fraction of the largest update of each tensor. A
+# semantic difference (no gather, per-rank BN, a local positive index) moves updates by O(1).
+# SwAV at initialisation is ill-conditioned: its scores are near uniform, so the gradient is a
+# difference of near-equal softmaxes, normalised by LARS; merely permuting the batch in ONE
+# process moves its updates by ~1% of the largest. The others stay within ~0.1%.
+UPDATE_TOLERANCE = {"swav": 3e-2}
+PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (METHODS.md §4f), its shape depends on W
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, mini_idx) -> Path:
+    """96 train + 48 test images of the embedded Fashion-MNIST, in uneven shards (40, 40, 16 and
+    40, 8): 12 steps per epoch at a global batch of 8, 6 at 16."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    from sslctl.shard import Options, shard
+
+    def read_idx(path: Path) -> np.ndarray:
+        data = gzip.open(path, "rb").read()
+        dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+    root = tmp_path_factory.mktemp("dist-data")
+    for split, prefix, n in (("train", "train", 96), ("test", "t10k", 48)):
+        images = read_idx(mini_idx / f"{prefix}-images-idx3-ubyte.gz")[:n]
+        labels = read_idx(mini_idx / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = root / "images" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return shard(root / "images", root / "shards", options=Options(max_count=40), workers=1).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "sslctl", *args, *(["--nproc", str(nproc)] if nproc > 1 else [])]
+
+
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, **kw)
+
+
+# ------------------------------------------------------------------------------ one step, W = 2 vs W = 1
+
+
+def _global_views(cfg: dict, step: int) -> list[torch.Tensor]:
+    """The step's views for the GLOBAL batch (2B images), the same in every process."""
+    aug = cfg["augment"]
+    sizes = [int(aug["crop_size"])] * 2 + [int(aug.get("extra_crop_size", 0))] * int(aug.get("extra_crops", 0))
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(2 * B, 3, s, s, generator=g) for s in sizes]
+
+
+def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = None) -> dict:
+    """STEPS training steps of the real engine (DDP when distributed) on fixed global views;
+    this process feeds its rank's slice. Returns what the tests compare."""
+    from sslctl.recipes import load_recipe
+    from sslctl.train import Engine
+
+    cfg = load_recipe(name, variant="small", overrides=[*TINY, *METHODS[name], *(extra or [])])
+    engine = Engine(
+        shards, cfg, out, device="cpu", resume="never", seed=0, workers=0, compile=False, checkpoint_every=500,
+        log_every=1, monitor_split=None, monitor_every=1, max_steps=None, channels_last=False, amp=False, recipe_file=None,
+    )
+    engine.method.train()
+    if name in FROZEN_BN:
+        for m in engine.method.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    before = {k: v.clone() for k, v in engine.method.state_dict().items()}
+    n = 2 * B // dist.world_size()
+    mine = slice(dist.rank() * n, (dist.rank() + 1) * n)
+    losses = []
+    for step in range(STEPS):
+        losses.append(engine._train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
+        engine.step += 1
+    return {
+        "losses": losses, "before": before, "after": {k: v.clone() for k, v in engine.method.state_dict().items()},
+        "peak_lr": engine.peak_lr, "batch_per_rank": engine.batch_per_rank, "world": engine.world,
+        "sync_bn": sorted({type(m).__name__ for m in engine.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
+    }
+
+
+def _bn_rank_check(rank: int) -> dict:
+    """GlooSyncBatchNorm on this rank's half: output, gradients (averaged as DDP does) and running
+    statistics, compared with BatchNorm on the whole batch in the test."""
+    g = torch.Generator().manual_seed(7)
+    x_all, w_out = torch.randn(2 * B, 3, 5, 5, generator=g) * 3 + 1, torch.randn(2 * B, 3, 5, 5, generator=g)
+    bn = dist.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)))[0]
+    x = x_all[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+    y = bn(x)
+    (y * w_out[rank * B : (rank + 1) * B]).mean().backward()  # a per-rank mean, as every method's loss
+    dist.all_reduce_mean(bn.weight.grad), dist.all_reduce_mean(bn.bias.grad)
+    return {"type": type(bn).__name__, "y": y.detach(), "x_grad": x.grad, "w_grad": bn.weight.grad,
+            "b_grad": bn.bias.grad, "running_mean": bn.running_mean, "running_var": bn.running_var}
+
+
+def _rank_main(rank: int, port: int, shards: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert dist.init_from_env("cpu") and dist.world_size() == 2
+    try:
+        results = {name: _engine_steps(name, Path(shards), Path(out) / f"{name}-{rank}") for name in METHODS}
+        # A control that must differ: SimCLR without the gather contrasts only local views.
+        results["simclr_no_gather"] = _engine_steps("simclr", Path(shards), Path(out) / f"ng-{rank}", ["method.gather=false"])
+        results["bn"] = _bn_rank_check(rank)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(shards, tmp_path_factory) -> list[dict]:
+    """Every method's STEPS steps on 2 gloo processes (one spawn for all of them)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("two-ranks")
+    mp.spawn(_rank_main, args=(_free_port(), str(shards), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(shards, tmp_path_factory) -> dict:
+    assert "RANK" not in os.environ and not dist.is_dist()
+    out = tmp_path_factory.mktemp("one-rank")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: _engine_steps(name, shards, out / name) for name in METHODS}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_step_on_2_ranks_equals_one_step_on_1_rank_with_the_global_batch(name, two_ranks, one_rank):
+    one, ranks = one_rank[name], [r[name] for r in two_ranks]
+    assert one["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    # recipe batch_size is global: same lr, each rank takes half the batch
+    assert one["batch_per_rank"] == 2 * B and [r["batch_per_rank"] for r in ranks] == [B, B]
+    assert ranks[0]["peak_lr"] == ranks[1]["peak_lr"] == one["peak_lr"] > 0
+    if name not in FROZEN_BN:  # sync_bn: every BN of the 2 ranks is global, one process keeps plain BN
+        assert ranks[0]["sync_bn"] == ["GlooSyncBatchNorm"] and "GlooSyncBatchNorm" not in one["sync_bn"]
+    # the logged loss is the global batch's (mean over ranks), the same on every rank
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5)
+    moved = 0
+    for key, value in one["after"].items():
+        if name == "swav" and key in PER_RANK:
+            continue
+        if not value.is_floating_point():
+            assert torch.equal(ranks[0]["after"][key], value), key  # queue pointers, BN batch counts
+            continue
+        # every parameter and buffer identical on both ranks (DDP, broadcast queue/bank, EMA, SyncBN)
+        assert torch.equal(ranks[0]["after"][key], ranks[1]["after"][key]), key
+        # ... and equal to one process's: compared as updates, which are small next to the weights.
+        # Float summation order differs (per-rank partial sums): see UPDATE_TOLERANCE.
+        update2, update1 = ranks[0]["after"][key] - ranks[0]["before"][key], value - one["before"][key]
+        scale = update1.abs().max().item()
+        tol = UPDATE_TOLERANCE.get(name, 5e-3)
+        torch.testing.assert_close(update2, update1, rtol=2 * tol, atol=tol * scale + 1e-7, msg=key)
+        moved += scale > 0
+    assert moved > 10  # the step did change the network (not a vacuous comparison)
+
+
+def test_queue_and_bank_hold_the_global_keys_identically_on_both_ranks(two_ranks, one_rank):
+    """After STEPS steps: MoCo enqueued STEPS x 2B keys at the same columns on both ranks, AdCo's
+    bank took the same averaged gradient steps (also covered field by field above)."""
+    for name, key in (("moco_v2", "queue"), ("adco", "bank"), ("adco", "bank_velocity")):
+        a, b, one = two_ranks[0][name]["after"][key], two_ranks[1][name]["after"][key], one_rank[name]["after"][key]
+        assert torch.equal(a, b), (name, key)
+        torch.testing.assert_close(a, one, rtol=1e-4, atol=1e-5)
+    assert int(two_ranks[0]["moco_v2"]["after"]["queue_ptr"]) == STEPS * 2 * B
+    assert not torch.equal(two_ranks[0]["adco"]["after"]["bank"], two_ranks[0]["adco"]["before"]["bank"])
+
+
+def test_simclr_without_the_gather_is_a_different_objective(two_ranks, one_rank):
+    """The control: the comparison above can fail. With method.gather=false each rank contrasts
+    its own 2B views only, so the loss is not the global batch's."""
+    losses, one = two_ranks[0]["simclr_no_gather"]["losses"], one_rank["simclr"]["losses"]
+    assert abs(losses[0] - one[0]) > 0.1
+
+
+def test_gloo_sync_batchnorm_equals_batchnorm_on_the_global_batch(two_ranks):
+    g = torch.Generator().manual_seed(7)
+    x_all, w_out = torch.randn(2 * B, 3, 5, 5, generator=g) * 3 + 1, torch.randn(2 * B, 3, 5, 5, generator=g)
+    bn = nn.BatchNorm2d(3)
+    x = x_all.clone().requires_grad_(True)
+    y = bn(x)
+    (y * w_out).mean().backward()  # = the mean of the 2 ranks' losses
+    for rank, r in enumerate(two_ranks):
+        got = r["bn"]
+        assert got["type"] == "GlooSyncBatchNorm"
+        mine = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(got["y"], y.detach()[mine], rtol=1e-5, atol=1e-5)
+        # the input gradient is of the SUM of the ranks' losses (DDP's averaging then halves it)
+        torch.testing.assert_close(got["x_grad"], 2 * x.grad[mine], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["w_grad"], bn.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["b_grad"], bn.bias.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["running_mean"], bn.running_mean)
+        torch.testing.assert_close(got["running_var"], bn.running_var)
+
+
+# ------------------------------------------------------------------------------ one process: no collectives
+
+
+def test_world_size_1_never_calls_a_collective(shards, tmp_path, monkeypatch):
+    """Without a process group every helper is the identity and a whole pretrain + embed runs:
+    any collective would raise here."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective was called at world size 1")
+
+    for fn in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object", "init_process_group"):
+        monkeypatch.setattr(torch.distributed, fn, forbidden)
+    x = torch.randn(3, 2)
+    assert dist.world_size() == 1 and dist.rank() == 0 and not dist.init_from_env("cpu")
+    assert torch.equal(dist.gather_no_grad(x), x) and dist.gather_with_grad(x) is x
+    assert torch.equal(dist.all_reduce_mean(x.clone()), x) and torch.equal(dist.broadcast(x.clone()), x)
+    bn = nn.Sequential(nn.BatchNorm2d(2))
+    assert dist.convert_sync_batchnorm(bn) is bn and type(bn[0]) is nn.BatchNorm2d
+
+    from sslctl.embed import embed
+    from sslctl.recipes import load_recipe
+    from sslctl.train import pretrain
+
+    cfg = load_recipe("simclr", variant="small", overrides=[*TINY, "method.sync_bn=true"])
+    run = pretrain(shards, cfg, tmp_path / "run", device="cpu", workers=0, max_steps=2, amp=False)
+    feats = embed(run, shards, device="cpu", workers=0, bf16=False)
+    assert feats.is_file()
+
+
+# ------------------------------------------------------------------------------ the launcher
+
+
+def test_torchrun_command_line():
+    from sslctl.launch import _parse, torchrun_args
+
+    args = torchrun_args(2, "1", None, None, ["pretrain", "shards", "--nproc", "2", "--recipe", "simclr"])
+    parsed = _parse(args)
+    assert parsed.standalone and parsed.nproc_per_node == "2" and parsed.module and parsed.training_script == "sslctl"
+    assert parsed.training_script_args == ["pretrain", "shards", "--nproc", "2", "--recipe", "simclr"]
+    assert "SIGUSR1" in parsed.signals_to_handle.split(",")
+    with pytest.raises(UserError, match="--rdzv-endpoint"):
+        torchrun_args(4, "2", None, None, ["pretrain"])
+    os.environ["SLURM_JOB_ID"] = "4242"
+    try:
+        parsed = _parse(torchrun_args(4, "2", "node17:29500", None, ["embed", "run", "shards"]))
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+    assert not parsed.standalone and parsed.nnodes == "2" and parsed.rdzv_backend == "c10d"
+    assert parsed.rdzv_endpoint == "node17:29500" and parsed.rdzv_id == "4242"
+
+
+def test_embed_on_2_processes_writes_the_same_file_as_one(shards, tmp_path):
+    """`sslctl embed --nproc 2` (torch.distributed.run): the ranks share the 5 shards, rank 0
+    assembles; the file equals the one-process embed, rows in the shards' order."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sslctl.embed import embed
+
+    args = ["resnet18", str(shards), "--weights", "random", "--small-stem", "--input-size", "16", "--workers", "0",
+            "--device", "cpu", "--no-bf16"]
+    one = embed("resnet18", shards, weights="random", small_stem=True, input_size=16, workers=0, device="cpu",
+                bf16=False, out=tmp_path / "one.safetensors")
+    done = _run(_cli("embed", *args, "--out", str(tmp_path / "two.safetensors"), nproc=2))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{tmp_path / 'two.safetensors'}\n"  # one line, from rank 0
+    assert "x 2 processes" in done.stderr
+    a, b = load_file(str(one)), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys() == {"train.features", "train.labels", "test.features", "test.labels"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with safe_open(str(one), "pt") as f, safe_open(str(tmp_path / "two.safetensors"), "pt") as g:
+        assert f.metadata()["splits"] == g.metadata()["splits"]
+    assert not (tmp_path / "two.safetensors.parts").exists()
+
+
+def test_a_user_error_in_the_processes_exits_2_with_the_message(shards, tmp_path):
+    done = _run(_cli("pretrain", str(shards), "--recipe", "simclr", "--out", str(tmp_path / "run"), "--device", "cpu",
+                     "--batch-size", "9", "--set", "augment.crop_size=8", nproc=2))
+    assert done.returncode == 2, done.stderr
+    assert "not divisible by the 2 processes" in done.stderr
