@@ -348,3 +348,102 @@ def test_a_user_error_in_the_processes_exits_2_with_the_message(shards, tmp_path
                      "--batch-size", "9", "--set", "augment.crop_size=8", nproc=2))
     assert done.returncode == 2, done.stderr
     assert "not divisible by the 2 processes" in done.stderr
+
+
+# ------------------------------------------------------------------------------ SLURM scripts
+
+SLURM = REPO / "shell" / "slurm"
+RUN_TINY = ["--device", "cpu", "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.queue_size=64",
+            "--log-every", "1", "--seed", "3", "--workers", "0", "--no-bf16", "--max-steps", "10"]  # crosses epoch 1's end (6 steps)
+
+
+def _exact(run_dir: Path) -> list[dict]:
+    keys = ("step", "epoch", "loss", "lr", "z_std")
+    return [{k: v for k, v in json.loads(line).items() if k in keys} for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fake_slurm(tmp_path: Path) -> dict:
+    """`srun` runs its command here; `scontrol` names this host and logs requeues."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_ / "scontrol").write_text(
+        '#!/usr/bin/env bash\necho "$*" >> "$FAKE_SLURM_LOG"\n[ "$1 $2" = "show hostnames" ] && echo localhost\nexit 0\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return {"PATH": f"{bin_}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"), "SLURM_JOB_ID": "77",
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "NPROC": "2", "PORT": str(_free_port()),
+            "SSLCTL": f"{sys.executable} -m sslctl"}
+
+
+def test_batch_scripts_parse_and_pass_shellcheck():
+    scripts = sorted(SLURM.glob("*.sbatch"))
+    assert [s.name for s in scripts] == ["embed.sbatch", "eval_array.sbatch", "pretrain.sbatch"]
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        assert "#SBATCH" in script.read_text()
+    if shutil.which("shellcheck"):
+        done = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.slow
+def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resumes_exactly(shards, tmp_path):
+    """pretrain.sbatch with a fake srun/scontrol around a real 2-process run (`--nproc 2`):
+    USR1 (SLURM's time-limit warning) -> SIGTERM to torchrun -> both ranks stop at the same step,
+    rank 0 writes the checkpoint with both ranks' RNG states -> `scontrol requeue 77`. Running the
+    script again (the requeued job) resumes: the losses equal an uninterrupted 2-process run's.
+    Then a resume with ONE process warns and still finishes."""
+    reference = tmp_path / "reference"
+    done = _run(_cli("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(reference), *RUN_TINY, nproc=2))
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in _exact(reference)] == list(range(1, 11))
+
+    env = {**os.environ, **ENV, **_fake_slurm(tmp_path)}
+    run = tmp_path / "run"
+    job = ["bash", str(SLURM / "pretrain.sbatch"), str(shards), str(run), "moco_v2", *RUN_TINY]
+    proc = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "got SIGUSR1" in stderr and "requeueing job 77" in stderr
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["show hostnames localhost", "requeue 77"]
+    assert stdout == ""  # no RUN_DIR: the run did not finish
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 2 <= state["step"] < 10 and len(_exact(run)) == state["step"]
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # every rank's own stream
+    shutil.copytree(run, tmp_path / "one-process")
+
+    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)  # the requeued job
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == f"{run}\n"
+    assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
+    assert _exact(run) == _exact(reference)  # same losses as the uninterrupted run
+
+    other = _run(_cli("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "one-process"), *RUN_TINY))
+    assert other.returncode == 0, other.stderr
+    assert "written by 2 processes, this run has 1" in " ".join(other.stderr.split())
+    assert [m["step"] for m in _exact(tmp_path / "one-process")] == list(range(1, 11))
+
+
+def test_eval_array_task_embeds_its_encoder_and_runs_knn(shards, tmp_path):
+    """eval_array.sbatch as array task 1 of a 2-line list; a rerun skips the finished task."""
+    (tmp_path / "encoders.txt").write_text("resnet18\nresnet18\n")  # random-weight floors stand in for runs
+    env = {**os.environ, **ENV, "SLURM_ARRAY_TASK_ID": "1", "SSLCTL": f"{sys.executable} -m sslctl", "NPROC": "1",
+           "EMBED_ARGS": "--weights random --small-stem --input-size 16 --device cpu --workers 0",
+           "KNN_ARGS": "--k 5 --temperature 0.07 --device cpu"}
+    job = ["bash", str(SLURM / "eval_array.sbatch"), str(tmp_path / "encoders.txt"), str(shards), str(tmp_path / "results")]
+    done = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "results" / "knn-1.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["k"] == 5 and 10 < lines[0]["top1"] <= 100
+    assert lines[0]["features"].endswith("features-1.safetensors") and lines[0]["n_eval"] == 48
+    assert not (tmp_path / "results" / "knn-0.jsonl").exists()
+    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "task 1 skipped" in again.stderr
