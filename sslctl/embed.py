@@ -333,11 +333,21 @@ def embed(
 
     start = time.perf_counter()
     with console.progress() as bar:
-        task = bar.add_task("embed", total=sum(manifest["splits"][s]["shards"][i]["count"] for s, i, _, _ in mine),
-                            visible=rank == 0)
+        n_mine = sum(manifest["splits"][s]["shards"][i]["count"] for s, i, _, _ in mine)
+        task = bar.add_task("embed", total=n_mine, visible=rank == 0)
+        progress = {"done": 0, "logged": start}
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            progress["done"] += n
+            now = time.perf_counter()
+            if bar.disable and rank == 0 and now - progress["logged"] > 30:  # batch logs: a line per 30 s
+                progress["logged"] = now
+                console.log(f"embed: {progress['done']:,}/{n_mine:,} images ({progress['done'] / (now - start):,.0f} images/s)")
+
         results = embed_shards(
             model, [t[2] for t in mine], transform=transform, batch_size=batch_size, device=dev, bf16=bf16,
-            channels_last=channels_last, workers=workers, on_batch=lambda n: bar.advance(task, n),
+            channels_last=channels_last, workers=workers, on_batch=advance,
         )
         for index, feats, labels in results:
             split, i, tar, shard_fp = mine[index]
