@@ -208,6 +208,8 @@ class Engine:
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
+        if not self.main:
+            console.set_quiet(True)  # rank 0 alone logs (methods log too, e.g. AdCo's ad_init); warnings still show
         self.cfg, self.shards, self.out = cfg, Path(shards), Path(out_dir)
         self.seed, self.compile = seed, compile
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
