@@ -12,8 +12,8 @@ per view). The views differ by recipe: view 1 always blurred, view 2 blurred at 
 solarized at p 0.2 ([augment.view1] / [augment.view2]).
 
 Deviations: the target starts as a copy of the online network (the official code draws it with
-another RNG key and notes it makes no difference); cross-replica BN is `method.sync_bn`, used only
-on CUDA with several processes; the online linear classifier is left out (no labels in pretraining).
+another RNG key and notes it makes no difference); cross-replica BN is `method.sync_bn`, used with
+several processes (CUDA or CPU); the online linear classifier is left out (no labels in pretraining).
 """
 
 from __future__ import annotations

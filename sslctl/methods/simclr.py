@@ -12,8 +12,8 @@ change: `head.projector_hidden = [2048, 2048]` (3 layers), `augment.jitter_brigh
 "multiplicative"`; fine-tuning from the first head layer is an embed option, not training.
 
 Deviations: the last BN has neither shift nor scale (heads.mlp's last_norm), where the TF code
-keeps a scale; cross-replica BN (SyncBN) is `method.sync_bn`, used only on CUDA with several
-processes (SyncBatchNorm has no CPU kernel); the online linear classifier on stop_gradient(h)
+keeps a scale; cross-replica BN (SyncBN) is `method.sync_bn`, used with several processes
+(nn.SyncBatchNorm on CUDA, distributed.GlooSyncBatchNorm on the CPU); the online linear classifier on stop_gradient(h)
 is left out (pretraining sees no labels; the kNN monitor plays its role).
 """
 
