@@ -13,8 +13,9 @@ change: `head.projector_hidden = [2048, 2048]` (3 layers), `augment.jitter_brigh
 
 Deviations: the last BN has neither shift nor scale (heads.mlp's last_norm), where the TF code
 keeps a scale; cross-replica BN (SyncBN) is `method.sync_bn`, used with several processes
-(nn.SyncBatchNorm on CUDA, distributed.GlooSyncBatchNorm on the CPU); the online linear classifier on stop_gradient(h)
-is left out (pretraining sees no labels; the kNN monitor plays its role).
+(nn.SyncBatchNorm on CUDA, distributed.GlooSyncBatchNorm on the CPU); the online linear
+classifier on stop_gradient(h) is left out (pretraining sees no labels; the kNN monitor plays
+its role).
 """
 
 from __future__ import annotations
