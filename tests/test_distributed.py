@@ -248,6 +248,20 @@ def test_simclr_without_the_gather_is_a_different_objective(two_ranks, one_rank)
     assert abs(losses[0] - one[0]) > 0.1
 
 
+def test_swav_state_of_2_ranks_loads_into_1_with_an_empty_queue(two_ranks, capsys):
+    """Resume with another world size: SwAV's per-rank queue shard has another length; the
+    rest of the state loads, the queue starts empty (with a warning) instead of failing."""
+    from sslctl.methods import build_method
+    from sslctl.recipes import load_recipe
+
+    state = two_ranks[0]["swav"]["after"]
+    m = build_method(load_recipe("swav", variant="small", overrides=[*TINY, *METHODS["swav"]]))
+    assert state["queue"].shape[1] * 2 == m.queue.shape[1]  # each of 2 ranks held half
+    m.load_state_dict(state)
+    assert "SwAV queue" in capsys.readouterr().err and not m.queue.any()
+    assert torch.equal(m.prototypes.weight, state["prototypes.weight"])
+
+
 def test_gloo_sync_batchnorm_equals_batchnorm_on_the_global_batch(two_ranks):
     g = torch.Generator().manual_seed(7)
     x_all, w_out = torch.randn(2 * B, 3, 5, 5, generator=g) * 3 + 1, torch.randn(2 * B, 3, 5, 5, generator=g)

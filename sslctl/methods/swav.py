@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslctl import heads
+from sslctl import console, heads
 from sslctl.distributed import world_size
 from sslctl.encoders import build_backbone
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
@@ -53,6 +53,16 @@ class SwAV(Method):
         length -= length % int(cfg["optim"]["batch_size"])
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), length // world_size(), dim))
         self._queue_on = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of another number of processes holds queue shards of another length:
+        # start with an empty queue (it is used again once refilled) rather than fail the resume.
+        key = prefix + "queue"
+        if key in state_dict and state_dict[key].shape != self.queue.shape:
+            console.warn(f"the SwAV queue was saved as {tuple(state_dict[key].shape)} per process, this run needs "
+                         f"{tuple(self.queue.shape)} (another number of processes): it starts empty")
+            state_dict[key] = torch.zeros_like(self.queue)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def before_forward(self, progress: Progress) -> None:
