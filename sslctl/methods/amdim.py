@@ -36,6 +36,9 @@ from sslctl.nets import build_encoder
 from sslctl.siamese import embedding_std
 
 
+RESNET_MAPS = ("layer1", "layer2", "layer3", "layer4", "last")  # via encoders.feature_maps
+
+
 def parse_pairs(compare: list[str]) -> list[tuple[str, str]]:
     """["1>5", "last>last"] -> [("1", "5"), ("last", "last")]."""
     pairs = []
@@ -66,7 +69,7 @@ class AMDIM(Method):
             if name not in names:
                 raise UserError(
                     f"recipe method.compare: encoder {cfg['encoder']['name']!r} has no feature map {name!r}; "
-                    f"its maps are {', '.join(names)}"
+                    f"its maps are {', '.join(names) or 'none (use amdim or a ResNet)'}"
                 )
         # Local-map MLPs no comparison uses (YADIM compares r1 only) are frozen: under DDP a
         # parameter that never gets a gradient would stall the all-reduce.
@@ -74,18 +77,16 @@ class AMDIM(Method):
             if name not in self.used:
                 mlp.requires_grad_(False)
 
-    def map_names(self) -> list[str]:
+    def map_names(self) -> tuple[str, ...]:
         if hasattr(self.backbone, "forward_maps"):
-            return ["1", "5", "7", "last"]
-        return ["layer1", "layer2", "layer3", "layer4", "last"]
+            return self.backbone.map_names
+        return RESNET_MAPS if hasattr(self.backbone, "layer4") else ()
 
     def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """name -> B x d x H x W feature map of the encoder."""
         if hasattr(self.backbone, "forward_maps"):
             return self.backbone.forward_maps(x, self.used)
-        if not hasattr(self.backbone, "layer4"):
-            raise UserError(f"encoder {self.backbone.arch!r} gives no feature maps; use amdim or a ResNet")
-        out = dict(zip(("layer1", "layer2", "layer3", "layer4"), feature_maps(self.backbone, x)))
+        out = dict(zip(RESNET_MAPS[:4], feature_maps(self.backbone, x)))
         out["last"] = out["layer4"]
         return out
 

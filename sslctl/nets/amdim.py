@@ -129,6 +129,8 @@ MAPS = ("1", "5", "7", "last")
 
 
 class AMDIMEncoder(nn.Module):
+    map_names = MAPS
+
     def __init__(self, ndf: int = 320, n_rkhs: int = 2560, depth: int = 10, input_size: int = 128, use_bn: bool = False):
         super().__init__()
         self.input_size = input_size
