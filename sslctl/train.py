@@ -205,6 +205,9 @@ class Engine:
         if max_steps is not None and max_steps < 1:
             raise UserError(f"--max-steps {max_steps}: expected a positive number")
         self.device = resolve_device(device)
+        if self.device.type == "cuda":  # autotuned convolutions, TF32 for what runs outside autocast
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
         dist.init_from_env(self.device.type)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
