@@ -269,7 +269,7 @@ class StageEngine(Engine):
         super().__init__(shards, cfg, out_dir, **engine_kwargs)
         self.loader = wrap_loader(self.loader)
         self.eval_shards, self.eval_split = eval_shards, eval_split
-        if self.state is None:  # fresh start (a resume restored everything in Engine.__init__)
+        if self._saved_step is None:  # fresh start (a resume restored everything in Engine.__init__)
             self.method.load_initial_weights()
             self.optimizer = self._stage_optimizer()
 
