@@ -16,7 +16,7 @@ def command(
     train_split: str = typer.Option("train", "--train-split", help="Split the probe is trained on."),
     eval_split: str = typer.Option("test", "--eval-split", help="Split that is scored, once, at the end."),
     shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="E2: L-BFGS iterations [100]; E3: epochs [100]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
     lr: float = typer.Option(30.0, "--lr", help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
     batch_size: int = typer.Option(256, "--batch-size", help="E3: batch size."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
