@@ -4,6 +4,7 @@ sslctl's MoCo v2 / SimCLR / BYOL step under the B1 protocol (batch 128, 32 px, S
     python bench/perf_levers.py [--methods moco_v2,byol,simclr] [--levers ...] [--repeats 3] [--profile]
 
 Levers (each a full optimisation step: forward, backward, SGD step, the method's updates):
+  lightly         lightly's step from bench/_lightly_side.py (fp32, as its examples), for reference
   fp32            contiguous fp32: what lightly's examples run
   channels_last   fp32, model and inputs channels_last
   bf16            bf16 autocast, contiguous
@@ -37,11 +38,39 @@ from sslctl.methods import Progress, build_method  # noqa: E402
 from sslctl.optim import build_optimizer  # noqa: E402
 from sslctl.recipes import load_recipe  # noqa: E402
 
-LEVERS = ("fp32", "channels_last", "bf16", "bf16+cl", "bf16+cl+eval-k", "bf16+cl+fused", "compile")
+LEVERS = ("lightly", "fp32", "channels_last", "bf16", "bf16+cl", "bf16+cl+eval-k", "bf16+cl+fused", "compile")
 
 
 def _target(method: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(method, "key_encoder", None) or getattr(method, "target", None)
+
+
+class LightlyVariant:
+    """lightly's model, loss and SGD step (bench/_lightly_side.py), timed like the others."""
+
+    def __init__(self, method_name: str, device: torch.device):
+        import _lightly_side
+
+        torch.manual_seed(0)
+        self.name, self.device, self.step_no = "lightly", device, 0
+        self.setup = _lightly_side.Setup(method_name, STEPS_PER_EPOCH)
+        self.setup.model.to(device).train()
+        self.setup.criterion.to(device)
+        self.optimizer = torch.optim.SGD(self.setup.model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(1)
+        self.views = [torch.randn(BATCH, 3, 32, 32, generator=g).to(device) for _ in range(2)]
+
+    def step(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = self.setup.loss(self.views, self.step_no)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        float(loss.detach())
+        self.step_no += 1
+        return time.perf_counter() - t
 
 
 class Variant:
@@ -127,12 +156,12 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, load average {__import__('os').getloadavg()}")
     print()
-    print("| method | lever | step s (median) | images/s | vs fp32 |")
+    print(f"| method | lever | step s (median) | images/s | vs {args.levers.split(',')[0]} |")
     print("| --- | --- | ---: | ---: | ---: |")
     for method_name in args.methods.split(","):
         levers = [lv for lv in args.levers.split(",") if not (lv.endswith("fused") and method_name != "byol")]
         levers = [lv for lv in levers if not (lv.endswith("eval-k") and method_name == "simclr")]
-        variants = [Variant(lv, method_name, device) for lv in levers]
+        variants = [LightlyVariant(method_name, device) if lv == "lightly" else Variant(lv, method_name, device) for lv in levers]
         for v in variants:  # warm-up round (allocator, oneDNN primitive caches, compilation)
             v.step()
         times = {v.name: [] for v in variants}
@@ -145,7 +174,7 @@ def main() -> None:
             print(f"| {method_name} | {name} | {t:.2f} | {BATCH / t:.1f} | {base / t:.2f}x |", flush=True)
         if args.profile:
             for v in variants:
-                if v.name in ("fp32", "bf16+cl"):
+                if v.name in ("lightly", "fp32", "bf16+cl"):
                     print(f"\n{method_name} {v.name}: top ops by self CPU time\n```\n{profile(v)}\n```\n", flush=True)
         del variants
 
