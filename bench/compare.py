@@ -537,8 +537,10 @@ def main() -> None:
     table = markdown(summary, args.protocol, floor)
     header = (
         f"{args.protocol.upper()} on {info.get('gpu') or info['cpu']} ({args.device}, {info['cores']} cores, torch {info['torch']}, "
-        f"lightly {info['lightly']}); batch {BATCH}, {steps} {'timed steps after ' + str(args.warmup) + ' warm-up' if b1 else 'steps'}"
-        f"{', ' + str(args.minutes) + ' min per run' if args.protocol == 'b2-wall' else ''}, {repeats} repeat(s), "
+        f"lightly {info['lightly']}); batch {BATCH}, "
+        + {"b1": f"{steps} timed steps after {args.warmup} warm-up", "b2": f"{steps} steps",
+           "b2-wall": f"{args.minutes:g} min per run from launch (at most one epoch)"}[args.protocol]
+        + f", {repeats} repeat(s), "
         f"{args.workers} loader workers; peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
         f"load average at the end {os.getloadavg()[0]:.1f}"
     )
