@@ -13,6 +13,7 @@ registered in CUSTOM by name.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -79,6 +80,22 @@ def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
     model.feature_dim = strip_classifier(model)
     model.arch = name
     return model
+
+
+def custom_options(name: str, section: dict) -> dict:
+    """The [encoder] keys that the custom net `name` takes as keyword arguments ({} otherwise).
+    Keys the chosen network does not take are left alone, so one recipe can hold a custom net's
+    options and still swap in a torchvision model with `--set encoder.name=resnet18`."""
+    if name not in CUSTOM:
+        return {}
+    module_name, factory = CUSTOM[name].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module_name), factory)).parameters
+    return {k: v for k, v in section.items() if k in params}
+
+
+def build_encoder(section: dict) -> nn.Module:
+    """The backbone a recipe's [encoder] section names (torchvision or custom, with its options)."""
+    return build_backbone(section["name"], bool(section.get("small_stem", False)), **custom_options(section["name"], section))
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

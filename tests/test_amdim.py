@@ -132,7 +132,7 @@ def test_encoder_computes_only_the_maps_asked_for_and_checks_the_input_size():
 
 
 def test_encoder_is_registered_and_its_file_rebuilds_it_with_its_options(tmp_path):
-    from sslctl.nets import build_encoder
+    from sslctl.encoders import build_encoder
 
     section = {"name": "amdim", "small_stem": False, **SMALL, "input_size": 32, "use_bn": False}
     enc = build_encoder(section)

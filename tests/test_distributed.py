@@ -11,7 +11,7 @@ How BN is made comparable between 2 ranks x B images and 1 rank x 2B images:
   distributed.GlooSyncBatchNorm, so the batch statistics are the global batch's, as with one
   process; BN stays in training mode.
 - MoCo v2, AdCo: shuffle-BN gives each rank's key encoder the statistics of a random B-subset of
-  the global batch, and SplitBatchNorm in one process uses interleaved sub-batches: these
+  the global batch, and SplitBatchNorm in one process uses sub-batches of the batch: these
   cannot give the same numbers by design. So every BN runs in eval mode (running statistics),
   which makes each encoder a per-sample function; then the only differences left between the
   two setups are the ones issue 5 is about (keys gathered without gradient, the queue / bank

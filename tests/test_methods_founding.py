@@ -43,18 +43,30 @@ def params(module: torch.nn.Module) -> list[torch.Tensor]:
 # ---- shared parts ---------------------------------------------------------------------------
 
 
-def test_split_batchnorm_normalises_each_interleaved_sub_batch_and_averages_running_stats():
+def test_split_batchnorm_normalises_each_block_of_the_batch_and_averages_running_stats():
     bn = SplitBatchNorm(3, num_splits=2)
     x = torch.randn(8, 3, 4, 4) * 3 + 1
     out = bn(x)
-    for s in range(2):
-        sub = x[s::2]
-        ref = F.batch_norm(sub, None, None, training=True, eps=bn.eps)
-        torch.testing.assert_close(out[s::2], ref, rtol=1e-5, atol=1e-5)
-    expected_mean = 0.1 * torch.stack([x[s::2].mean((0, 2, 3)) for s in range(2)]).mean(0)
+    for block, normalised in zip(x.chunk(2), out.chunk(2)):
+        ref = F.batch_norm(block, None, None, training=True, eps=bn.eps)
+        torch.testing.assert_close(normalised, ref, rtol=1e-5, atol=1e-5)
+    expected_mean = 0.1 * torch.stack([block.mean((0, 2, 3)) for block in x.chunk(2)]).mean(0)
+    expected_var = 0.9 + 0.1 * torch.stack([block.var((0, 2, 3)) for block in x.chunk(2)]).mean(0)
     torch.testing.assert_close(bn.running_mean, expected_mean)
+    torch.testing.assert_close(bn.running_var, expected_var)
     bn.eval()
     torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+
+def test_split_batchnorm_keeps_channels_last_and_its_gradients_match_per_block_bn():
+    bn = SplitBatchNorm(3, num_splits=4)
+    x = (torch.randn(8, 3, 4, 4) * 2).to(memory_format=torch.channels_last).requires_grad_()
+    out = bn(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    torch.cat([F.batch_norm(b, None, None, training=True, eps=bn.eps) for b in ref_x.chunk(4)]).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_use_split_bn_keeps_torchvision_state_dict_keys():
@@ -481,3 +493,15 @@ def test_cuda_bf16_channels_last_steps(name):
             assert getattr(m, buf).dtype == torch.float32 and getattr(m, buf).is_cuda
             assert torch.isfinite(getattr(m, buf)).all()
     assert not torch.equal(w0, m.backbone.conv1.weight)
+
+
+@pytest.mark.parametrize("recipe", ["moco_v2", "adco", "simclr", "byol"])
+def test_every_method_builds_a_custom_encoder_with_its_section_options(recipe):
+    """[encoder] keys a custom net takes (the AMDIM encoder's ndf, n_rkhs, depth) reach it in
+    every method, not only in the local-feature ones."""
+    cfg = load_recipe(recipe, variant="small")
+    cfg["encoder"] = {"name": "amdim", "small_stem": False, "ndf": 8, "n_rkhs": 32, "depth": 1, "input_size": 32}
+    backbone = build_method(cfg).backbone
+    assert backbone.arch == "amdim"
+    assert backbone.options == {"ndf": 8, "n_rkhs": 32, "depth": 1, "input_size": 32}
+    assert backbone.feature_dim == 32

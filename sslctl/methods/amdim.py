@@ -32,7 +32,7 @@ from sslctl.encoders import feature_maps
 from sslctl.errors import UserError
 from sslctl.losses.local import map_nce, random_location
 from sslctl.methods.base import Method, expect
-from sslctl.nets import build_encoder
+from sslctl.encoders import build_encoder
 from sslctl.siamese import embedding_std
 
 

@@ -2,7 +2,7 @@
 
 Falcon & Cho describe every method by five parts; a method file builds them from the recipe:
   1. augmentation  -> [augment]   (built by sslctl.augment; the loop hands the views in)
-  2. encoder       -> [encoder]   (sslctl.encoders.build_backbone) -> `self.backbone`
+  2. encoder       -> [encoder]   (sslctl.encoders.build_encoder) -> `self.backbone`
   3. representation extraction -> [head]  (sslctl.heads) -> `self.projector` (+ predictor, prototypes)
   4. similarity    -> [loss] similarity (cosine / dot)
   5. loss          -> [loss] (pure functions in sslctl.losses)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import regression_loss
 from sslctl.methods.base import Method, Progress, expect
@@ -35,7 +35,7 @@ class BYOL(Method):
         expect(cfg, "loss", "name", ("regression",))
         expect(cfg, "loss", "similarity", ("cosine",))
         self.base_tau = float(cfg["method"]["base_tau"])
-        self.backbone = build_backbone(cfg["encoder"]["name"], cfg["encoder"]["small_stem"])
+        self.backbone = build_encoder(cfg["encoder"])
         self.projector = from_config(self.backbone.feature_dim, cfg["head"], "projector")
         self.predictor = from_config(int(cfg["head"]["projector_dim"]), cfg["head"], "predictor")
         for name in ("backbone", "projector", "predictor"):

@@ -25,7 +25,7 @@ from sslctl import distributed as dist
 from sslctl.errors import UserError
 from sslctl.losses.local import cpc_nce
 from sslctl.methods.base import Method, expect
-from sslctl.nets import build_encoder
+from sslctl.encoders import build_encoder
 from sslctl.nets.cpc import MaskedContext
 from sslctl.siamese import embedding_std
 

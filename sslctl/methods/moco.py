@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sslctl import distributed as dist
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import info_nce
@@ -41,7 +41,7 @@ class QueryKeyMethod(Method):
         self.symmetric = bool(method["symmetric"])
         self.shuffle_bn = bool(method["shuffle_bn"])
 
-        self.backbone = build_backbone(enc["name"], enc["small_stem"])
+        self.backbone = build_encoder(enc)
         self.projector = from_config(self.backbone.feature_dim, cfg["head"])
         if self.shuffle_bn and dist.world_size() == 1 and int(method["bn_splits"]) > 1:
             use_split_bn(self.backbone, int(method["bn_splits"]))

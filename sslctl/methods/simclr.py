@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sslctl import distributed as dist
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import nt_xent
 from sslctl.methods.base import Method, expect
@@ -38,7 +38,7 @@ class SimCLR(Method):
         expect(cfg, "loss", "similarity", ("cosine",))
         self.temperature = float(cfg["loss"]["temperature"])
         self.gather = bool(cfg["method"]["gather"])
-        self.backbone = build_backbone(cfg["encoder"]["name"], cfg["encoder"]["small_stem"])
+        self.backbone = build_encoder(cfg["encoder"])
         self.projector = from_config(self.backbone.feature_dim, cfg["head"])
         sync = bool(cfg["method"]["sync_bn"])
         self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
