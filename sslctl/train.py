@@ -400,7 +400,7 @@ class Engine:
             self.bar_task = self.bar.add_task("pretrain", total=self.last_step * self.batch, completed=self.step * self.batch,
                                               visible=self.main)
             if not self.setup_done:
-                self._setup()
+                self._setup(signals)
             while self.step < self.last_step:
                 self._epoch(signals)
         if self._saved_step != self.step:
@@ -434,15 +434,36 @@ class Engine:
     def _memory_format(self, v: torch.Tensor) -> torch.memory_format:
         return torch.channels_last if self.channels_last and v.ndim == 4 else torch.preserve_format
 
-    def _setup(self) -> None:
+    def _setup(self, signals: _StopSignals) -> None:
         """Method.setup before epoch 0 (AdCo's ad_init) on its own pass over the data; the
-        checkpoint written afterwards keeps a resume from running it twice."""
-        self.setup_done = True
+        checkpoint written afterwards keeps a resume from running it twice. A signal during
+        setup stops it at the next batch: a half-done setup cannot be saved, so the resumed
+        run starts it again, and the job exits within a batch system's grace period."""
         if type(self.method).setup is Method.setup:
+            self.setup_done = True
             return
+
+        def until_signal(batches: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+            while True:
+                try:
+                    views = next(batches)
+                except StopIteration:
+                    return
+                except Exception:  # the signal also reached the loader's workers (as in _epoch)
+                    if signals.signum is None:
+                        raise
+                if self._agree(signals.signum is not None):
+                    signum = signals.signum or signal.SIGTERM
+                    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} during the method's setup "
+                                              "(before step 1); nothing to save. Run the same command again to restart it.")
+                yield views
+
+        if self.main:
+            console.log(f"{type(self.method).__name__}: setup pass over the data before step 1")
         self.method.train()
         with self._autocast():
-            used = self.method.setup(self._batches(epoch=-1, start=0))
+            used = self.method.setup(until_signal(self._batches(epoch=-1, start=0)))
+        self.setup_done = True
         if self.main:
             console.log(f"method setup used {used} batches")
         self.save_checkpoint()

@@ -140,6 +140,29 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(shards, reference, tmp_path
     assert _metrics(out) == _metrics(reference)
 
 
+def test_sigterm_during_adco_ad_init_exits_143_at_the_next_batch(mini_shards, tmp_path):
+    """A batch system's SIGTERM during a method's setup (AdCo's ad_init: here 256 batches) stops
+    it at the next batch, not after the whole setup (beyond the grace period). Nothing is saved:
+    a half-filled bank cannot be resumed, the next run starts the setup again."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sslctl", "pretrain", str(mini_shards), "--recipe", "adco", "--out", str(out),
+           "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.bank_size=4096",
+           "--set", "method.bn_splits=2", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    seen = []
+    for line in proc.stderr:  # logged once the signal handlers are in place
+        seen.append(line)
+        if "setup pass over the data" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, rest = proc.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 143, stderr
+    assert stdout == "" and "Traceback" not in stderr
+    assert "during the method's setup" in stderr and "ad_init: bank filled" not in stderr
+    assert not (out / "checkpoints" / "last.pt").exists()
+
+
 def test_sigint_saves_and_exits_130(shards, tmp_path):
     out = tmp_path / "run"
     cmd = _pretrain(shards, out, "--max-steps", "200", "--workers", "0")
