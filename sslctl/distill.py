@@ -12,7 +12,8 @@ the unlabelled images, both seeing the same augmented view (crop + flip):
 With alpha < 1 every step also takes a batch of the teacher's labelled subset (its labelled/
 shards). The teacher is frozen in eval mode and stored in the checkpoint, so a run resumes on
 its own. The optimisation is not in the spec ([P]); the defaults are SimCLR v2's pretraining
-ones (LARS, lr 0.1 x sqrt(batch), wd 1e-4), 100 epochs, 5 of warmup.
+ones (LARS, lr 0.1 x sqrt(batch), wd 1e-4, every weight matrix adapted, the student's classifier
+included), 100 epochs, 5 of warmup.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import checkpoint as ckpt
-from sslctl import distributed as dist
-from sslctl.augment import build_views, normalization
+from sslctl.augment import build_views
 from sslctl.data import load_manifest, make_loader
 from sslctl.encoders import build_backbone
 from sslctl.errors import UserError
-from sslctl.finetune import SUBSET_DIR, FineTune, StageEngine, read_run, resolve_stage_recipe
+from sslctl.finetune import SUBSET_DIR, FineTune, RunOptions, StageEngine, read_run, resolve_stage_recipe, run_stage
 from sslctl.losses.contrastive import fp32
 from sslctl.methods.base import Method
-from sslctl.train import CHECKPOINT_EVERY, LOG_EVERY, resolve_device
 
 OPTIM = {"name": "lars", "batch_size": 256, "lr": 0.1, "base_batch": 256, "scaling": "sqrt", "momentum": 0.9,
          "weight_decay": 1e-4, "exclude_bn_bias": True, "trust_coefficient": 0.001}
@@ -55,6 +54,10 @@ class Distill(Method):
     Views: [images] or, with alpha < 1, [images, labelled images, labels]."""
 
     n_views = 1
+    # The student's classifier starts random and learns with its backbone, LARS-adapted like every
+    # weight matrix. Kept out of the trust ratio it would take LARS's raw lr (0.1 x sqrt(batch),
+    # sized for trust-scaled steps ~1000x smaller) and, on 10 classes, diverge in a few steps.
+    lars_excluded = ()
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -128,8 +131,25 @@ class _WithLabelledBatch:
             yield [*views, *labelled_views, y], labels
 
 
-def _without_labels(loader):
-    return loader  # views only: the unlabelled shards' labels (if any) are never used
+def _without_labels(engine: StageEngine):
+    return engine.loader  # views only: the unlabelled shards' labels (if any) are never used
+
+
+def _with_labelled_batches(subset: Path):
+    """A `wrap_loader` adding, per batch, a batch of the teacher's labelled subset (same views
+    and normalisation, this process's share of the global batch)."""
+    labelled = load_manifest(subset)
+    n = labelled["splits"]["train"]["count"]
+
+    def wrap(engine: StageEngine) -> _WithLabelledBatch:
+        per_rank = min(engine.batch_per_rank, n // engine.world)
+        if per_rank < 1:
+            raise UserError(f"{subset}: {n} labelled images cannot feed {engine.world} processes")
+        loader = make_loader(labelled, "train", batch_size=per_rank, transform=build_views(engine.cfg["augment"], engine.mean, engine.std),
+                             workers=engine.workers, seed=engine.seed + 1, rank=engine.rank, world_size=engine.world)
+        return _WithLabelledBatch(engine.loader, loader)
+
+    return wrap
 
 
 def distill(
@@ -142,19 +162,12 @@ def distill(
     alpha: float = 1.0,
     eval_split: str | None = "test",
     overrides: Iterable[str] = (),
-    device: str = "auto",
-    resume: str = "auto",
-    seed: int = 0,
-    workers: int | None = None,
-    max_steps: int | None = None,
-    checkpoint_every: int = CHECKPOINT_EVERY,
-    log_every: int = LOG_EVERY,
-    amp: bool | None = None,
-    channels_last: bool | None = None,
+    **options,
 ) -> Path:
     """Distil the fine-tuned TEACHER into a `student` backbone on the shards' train split; write
-    and return the student's run dir `out`. Raises UserError for bad inputs."""
-    teacher, out = Path(teacher), Path(out)
+    and return the student's run dir `out`. `options`: finetune.RunOptions' keywords (device,
+    resume, seed, workers, max_steps, ...). Raises UserError for bad inputs."""
+    teacher, out, opts = Path(teacher), Path(out), RunOptions(**options)
     teacher_cfg, _ = read_run(teacher, "the teacher is a finished `sslctl finetune` run")
     if teacher_cfg["recipe"]["method"] != "sslctl.finetune:FineTune":
         raise UserError(
@@ -165,7 +178,6 @@ def distill(
         raise UserError(f"--alpha {alpha}: expected a weight in [0, 1] (1: distillation only)")
     if temperature <= 0:
         raise UserError(f"--temperature {temperature}: expected a positive number")
-    manifest = load_manifest(shards)
     cfg = {
         "recipe": {"name": f"{teacher_cfg['recipe']['name']}_distill", "method": "sslctl.distill:Distill",
                    "description": f"student of {teacher}"},
@@ -179,29 +191,5 @@ def distill(
         "teacher": teacher_cfg,  # the teacher's architecture: the run resumes without the teacher's directory
     }
     cfg = resolve_stage_recipe(cfg, overrides, "distill")
-    wrap = _without_labels
-    engine_device = resolve_device(device)
-    dist.init_from_env(engine_device.type)
-    if cfg["method"]["alpha"] < 1.0:
-        wrap = _labelled_batches(teacher / SUBSET_DIR, cfg, manifest, seed, workers, dist.rank(), dist.world_size())
-    engine = StageEngine(
-        shards, cfg, out, wrap_loader=wrap, eval_shards=manifest,
-        eval_split=eval_split if eval_split in manifest["splits"] else None,
-        device=device, resume=resume, seed=seed, workers=workers, compile=False, checkpoint_every=checkpoint_every,
-        log_every=log_every, monitor_split=None, monitor_every=1, max_steps=max_steps, channels_last=channels_last,
-        amp=amp, recipe_file=str(out / "recipe.toml"),
-    )
-    return engine.run()
-
-
-def _labelled_batches(subset: Path, cfg: dict, manifest: dict, seed: int, workers, rank: int, world: int):
-    """A loader wrapper adding batches of the teacher's labelled subset (same views and normalisation)."""
-    labelled = load_manifest(subset)
-    n = labelled["splits"]["train"]["count"]
-    per_rank = min(int(cfg["optim"]["batch_size"]) // world, n // world)
-    if per_rank < 1:
-        raise UserError(f"{subset}: {n} labelled images cannot feed {world} processes")
-    mean, std = normalization(cfg["augment"], manifest)
-    loader = make_loader(labelled, "train", batch_size=per_rank, transform=build_views(cfg["augment"], mean, std),
-                         workers=0 if workers is None else workers, seed=seed + 1, rank=rank, world_size=world)
-    return lambda main: _WithLabelledBatch(main, loader)
+    wrap = _with_labelled_batches(teacher / SUBSET_DIR) if cfg["method"]["alpha"] < 1.0 else _without_labels
+    return run_stage(shards, cfg, out, opts, eval_shards=load_manifest(shards), eval_split=eval_split, wrap_loader=wrap)

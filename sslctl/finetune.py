@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import tomllib
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -203,6 +204,9 @@ class FineTune(Method):
     linear classifier, trained with cross-entropy. Views: [images, labels] (StageEngine appends labels)."""
 
     n_views = 1
+    # Parameters StageEngine keeps out of LARS's trust ratio and weight decay: the zero-initialised
+    # classifier (SimCLR's head_supervised), which the trust ratio eta |w| / |g| would hold near 0.
+    lars_excluded = ("classifier.",)
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -258,16 +262,21 @@ class _AppendLabels:
             yield [*views, labels], labels
 
 
+def _append_labels(engine: "StageEngine") -> _AppendLabels:
+    return _AppendLabels(engine.loader)
+
+
 class StageEngine(Engine):
     """train.py's Engine for a supervised stage (finetune, distill). Three differences:
-    the Method's views carry labels (`wrap_loader`), its initial weights come from another run
-    (`Method.load_initial_weights`, on a fresh start), and parameters under `classifier.` get
-    neither weight decay nor the LARS trust ratio (SimCLR excludes its supervised head)."""
+    the loader is wrapped by `wrap_loader(engine)` (by default the Method's views carry the
+    labels), the initial weights come from another run (`Method.load_initial_weights`, on a fresh
+    start), and parameters named under the Method's `lars_excluded` prefixes get neither weight
+    decay nor the LARS trust ratio (FineTune's classifier, as SimCLR excludes its supervised head)."""
 
-    def __init__(self, shards, cfg: dict, out_dir, *, wrap_loader: Callable = _AppendLabels,
+    def __init__(self, shards, cfg: dict, out_dir, *, wrap_loader: Callable[["StageEngine"], object] = _append_labels,
                  eval_shards=None, eval_split: str | None = None, **engine_kwargs):
         super().__init__(shards, cfg, out_dir, **engine_kwargs)
-        self.loader = wrap_loader(self.loader)
+        self.loader = wrap_loader(self)
         self.eval_shards, self.eval_split = eval_shards, eval_split
         if self._saved_step is None:  # fresh start (a resume restored everything in Engine.__init__)
             self.method.load_initial_weights()
@@ -278,11 +287,12 @@ class StageEngine(Engine):
         super()._restore(state)
 
     def _stage_optimizer(self) -> torch.optim.Optimizer:
+        excluded = self.method.lars_excluded  # str.startswith(()) is False: an empty tuple excludes nothing
         named = [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer([np for np in named if not np[0].startswith("classifier.")], self.cfg["optim"], self.peak_lr)
-        head = [p for n, p in named if n.startswith("classifier.")]
-        if head:
-            optimizer.add_param_group({"params": head, "weight_decay": 0.0, "adapt": False})
+        optimizer = build_optimizer([np for np in named if not np[0].startswith(excluded)], self.cfg["optim"], self.peak_lr)
+        unadapted = [p for n, p in named if n.startswith(excluded)]
+        if unadapted:
+            optimizer.add_param_group({"params": unadapted, "weight_decay": 0.0, "adapt": False})
         return optimizer
 
     def run(self) -> Path:
@@ -293,6 +303,34 @@ class StageEngine(Engine):
             self.write_metrics({"step": self.step, "eval_split": self.eval_split, "top1": top1})
             console.log(f"top-1 of the classifier on {self.eval_split}: {top1:.2f}%")
         return out
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage runs, not what it computes: `finetune(**options)` and `distill(**options)` take
+    these keywords, with `sslctl pretrain`'s meanings (train.pretrain)."""
+
+    device: str = "auto"
+    resume: str = "auto"
+    seed: int = 0
+    workers: int | None = None
+    max_steps: int | None = None
+    checkpoint_every: int = CHECKPOINT_EVERY
+    log_every: int = LOG_EVERY
+    amp: bool | None = None
+    channels_last: bool | None = None
+
+
+def run_stage(shards, cfg: dict, out: Path, options: RunOptions, *, eval_shards: dict, eval_split: str | None,
+              wrap_loader: Callable[[StageEngine], object] = _append_labels) -> Path:
+    """Train the stage recipe `cfg` on `shards` into the run dir `out`; the final classifier's
+    top-1 on `eval_split` of `eval_shards` (when that split exists) goes to metrics.jsonl."""
+    engine = StageEngine(
+        shards, cfg, out, wrap_loader=wrap_loader, eval_shards=eval_shards,
+        eval_split=eval_split if eval_split in eval_shards["splits"] else None,
+        compile=False, monitor_split=None, monitor_every=1, recipe_file=str(out / "recipe.toml"), **asdict(options),
+    )
+    return engine.run()
 
 
 @torch.no_grad()
@@ -351,25 +389,18 @@ def finetune(
     split: str = "train",
     eval_split: str | None = "test",
     overrides: Iterable[str] = (),
-    device: str = "auto",
-    resume: str = "auto",
-    seed: int = 0,
-    workers: int | None = None,
-    max_steps: int | None = None,
-    checkpoint_every: int = CHECKPOINT_EVERY,
-    log_every: int = LOG_EVERY,
-    amp: bool | None = None,
-    channels_last: bool | None = None,
+    **options,
 ) -> Path:
     """Fine-tune the pretrain run RUN on a stratified `labels` subset of the shards' `split`;
     write and return the run dir `out`. `eval_split` (when the shards have it) gets the final
-    classifier's top-1 in metrics.jsonl. Raises UserError for bad inputs."""
-    run, out = Path(run), Path(out)
+    classifier's top-1 in metrics.jsonl. `options`: RunOptions' keywords (device, resume, seed,
+    workers, max_steps, ...). Raises UserError for bad inputs."""
+    run, out, opts = Path(run), Path(out), RunOptions(**options)
     source_cfg, meta = read_run(run, "fine-tuning starts from a finished `sslctl pretrain` run")
     manifest = load_manifest(shards)
     if not manifest.get("labelled"):
         raise UserError(f"{manifest['path']}: the shards are unlabelled; fine-tuning needs labels (shard a labelled source)")
-    dist.init_from_env(resolve_device(device).type)
+    dist.init_from_env(resolve_device(opts.device).type)
     if dist.is_main():  # rank 0 writes the subset; the others read it
         labelled_subset(manifest, split, labels, subset_seed, out, meta["mean"], meta["std"])
     dist.barrier()
@@ -392,11 +423,4 @@ def finetune(
     }
     cfg = resolve_stage_recipe(cfg, overrides, "finetune")
     _fit_batch(cfg, n)
-    has_eval = eval_split in manifest["splits"]
-    engine = StageEngine(
-        subset, cfg, out, eval_shards=manifest, eval_split=eval_split if has_eval else None,
-        device=device, resume=resume, seed=seed, workers=workers, compile=False, checkpoint_every=checkpoint_every,
-        log_every=log_every, monitor_split=None, monitor_every=1, max_steps=max_steps, channels_last=channels_last,
-        amp=amp, recipe_file=str(out / "recipe.toml"),
-    )
-    return engine.run()
+    return run_stage(subset, cfg, out, opts, eval_shards=manifest, eval_split=eval_split)
