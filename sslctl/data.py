@@ -219,12 +219,28 @@ class ShardDataset(IterableDataset):
         return first, stop, len(range(role, start_batch, workers)) * self.batch_size
 
     def _raw(self, epoch: int, first: int, stop: int) -> Iterator[dict]:
-        """Raw samples [first, stop) of this rank's range, shards laid out in the epoch's order."""
+        """Raw samples [first, stop) of this rank's range, shards laid out in the epoch's order,
+        the index space rotated by the epoch's offset (wrapping around its end)."""
         order = list(range(len(self.paths)))
         if self.shuffle_buffer:
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
         lo, _ = self._rank_range()
-        first, stop, offset = lo + first, lo + stop, 0
+        a, b = lo + first + self._rotation(epoch), lo + stop + self._rotation(epoch)
+        for seg_a, seg_b in ((a, min(b, self.total)), (max(a, self.total) - self.total, b - self.total)):
+            if seg_a < seg_b:
+                yield from self._span(order, seg_a, seg_b)
+
+    def _rotation(self, epoch: int) -> int:
+        """drop_last leaves the tail of each rank's range out of the epoch. Shuffled, the index
+        space starts at a (seed, epoch) offset, so the samples left out change every epoch
+        (with one shard, e.g. a fine-tuning subset, the same ones would otherwise never be seen)."""
+        per_step = (self.batch_size or 1) * self.world_size
+        if not self.shuffle_buffer or not self.drop_last or self.total % per_step == 0:
+            return 0  # every sample is used (the same test on every rank)
+        return random.Random(f"{self.seed}:{epoch}:rotation").randrange(self.total)
+
+    def _span(self, order: list[int], first: int, stop: int) -> Iterator[dict]:
+        offset = 0
         for i in order:
             a, b = max(first - offset, 0), min(stop - offset, self.counts[i])
             if a < b:

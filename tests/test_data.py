@@ -125,6 +125,23 @@ def test_loader_len_is_equal_on_every_rank_and_batches_are_disjoint(shards):
     assert len(loader) == 4 and sorted(sizes) == [100, 300, 300, 300]
 
 
+def test_drop_last_leaves_out_different_samples_each_epoch_even_from_one_shard(shards):
+    """The test split is ONE shard of 1000: batches of 96 on 2 ranks use 960 per epoch. The 40
+    left out must change with the epoch (a fixed tail would never be trained on), and within an
+    epoch the ranks stay disjoint."""
+    used_per_epoch = []
+    for epoch in range(3):
+        seen = Counter()
+        for rank in range(2):
+            loader = make_loader(shards, "test", batch_size=96, workers=1, rank=rank, world_size=2, seed=5, rgb=False)
+            loader.dataset.return_key = True
+            loader.set_epoch(epoch)
+            seen.update(key for _, _, keys in loader for key in keys)
+        assert len(seen) == 960 and set(seen.values()) == {1}
+        used_per_epoch.append(set(seen))
+    assert len(set.union(*used_per_epoch)) > 960
+
+
 def test_set_epoch_reaches_persistent_workers_and_start_batch_resumes_exactly(shards):
     loader = make_loader(shards, "train", batch_size=64, workers=2, seed=2, rank=0, world_size=1, shuffle_buffer=200)
     epochs = []
