@@ -225,7 +225,8 @@ class ShardDataset(IterableDataset):
         if self.shuffle_buffer:
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
         lo, _ = self._rank_range()
-        a, b = lo + first + self._rotation(epoch), lo + stop + self._rotation(epoch)
+        shift = self._rotation(epoch)
+        a, b = lo + first + shift, lo + stop + shift
         for seg_a, seg_b in ((a, min(b, self.total)), (max(a, self.total) - self.total, b - self.total)):
             if seg_a < seg_b:
                 yield from self._span(order, seg_a, seg_b)
