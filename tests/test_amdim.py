@@ -2,8 +2,8 @@
 regulariser) against hand-computed values and the spec's sanity values, the shared flip, the
 recipe, and a short real Fashion-MNIST run (slow).
 
-The helpers at the top (shards, short runs, view retrieval) are shared with test_cpc.py and
-test_yadim.py."""
+The helpers at the top (short runs, held-out images) are shared with test_cpc.py and test_yadim.py;
+the view-retrieval check is tests/realrun.py's, as for every method."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslctl.augment import build_views, normalization
+from sslctl.augment import build_views
 from sslctl.data import iter_shard, load_manifest, split_shards
 from sslctl.encoder_io import load_encoder, save_encoder
 from sslctl.encoders import build_backbone
@@ -23,9 +23,8 @@ from sslctl.errors import UserError
 from sslctl.losses.local import map_nce, random_location, tanh_clip
 from sslctl.methods import build_method
 from sslctl.nets.amdim import AMDIMEncoder, ConvResNxN
-from sslctl.paths import EMBEDDED_DATASET
 from sslctl.recipes import load_recipe
-from tests.conftest import run_cli
+from tests.realrun import learned, retrieval_draws
 
 # ------------------------------------------------------------------ helpers (shared)
 
@@ -38,13 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def shard_mini(out: Path) -> Path:
-    """The embedded Fashion-MNIST subset (5,000 train + 1,000 test) as shards."""
-    result = run_cli("shard", str(EMBEDDED_DATASET), str(out), "--quiet")
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def short_run(shards: Path, recipe: str, out: Path, steps: int, *overrides: str) -> tuple[dict, Path, list[dict]]:
@@ -65,24 +57,6 @@ def held_out_images(shards: Path, n: int = 256) -> list[torch.Tensor]:
             if len(images) == n:
                 return images
     return images
-
-
-@torch.no_grad()
-def view_retrieval(backbone: torch.nn.Module, cfg: dict, shards: Path, n: int = 256, seed: int = 0) -> float:
-    """Top-1 rate at which an augmented view of a held-out image retrieves the other view of the
-    same image among the views of n images (cosine similarity of backbone features). The views
-    depend on `seed` only, so two encoders are compared on the same views."""
-    mean, std = normalization(cfg["augment"], load_manifest(shards))
-    make_views = build_views(cfg["augment"], mean, std)
-    torch.manual_seed(seed)
-    pairs = []
-    for image in held_out_images(shards, n):
-        views = make_views(image)
-        pairs.append(views[:2] if len(views) >= 2 else [views[0], make_views(image)[0]])
-    a, b = (torch.stack([p[i] for p in pairs]) for i in (0, 1))
-    backbone.eval()
-    fa, fb = F.normalize(backbone(a), dim=1), F.normalize(backbone(b), dim=1)
-    return float(((fa @ fb.T).argmax(dim=1) == torch.arange(len(pairs))).float().mean())
 
 
 def first_and_last_losses(records: list[dict]) -> tuple[float, float]:
@@ -342,8 +316,8 @@ def test_two_processes_with_global_negatives_equal_one_process_on_the_whole_batc
 
 
 @pytest.mark.slow
-def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_thread):
-    shards = shard_mini(tmp_path / "shards")
+def test_short_fashion_mnist_run_learns_view_invariant_features(mini_shards, tmp_path, one_thread):
+    shards = mini_shards
     overrides = ["encoder.ndf=32", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
                  "optim.lr=1e-3", "schedule.warmup_steps=0"]
     cfg, run, records = short_run(shards, "amdim", tmp_path / "run", 100, *overrides)
@@ -355,5 +329,6 @@ def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_th
     trained, _ = load_encoder(run / "encoder.safetensors")
     torch.manual_seed(0)
     initial = build_backbone("amdim", **trained.options)
-    before, after = view_retrieval(initial, cfg, shards), view_retrieval(trained, cfg, shards)
-    assert after > before + 0.1, (before, after)
+    before, after = retrieval_draws(initial, shards, cfg), retrieval_draws(trained, shards, cfg)
+    # mean of 4 draws: 0.074 -> 0.269 measured
+    assert learned(before, after) and sum(after) / 4 > sum(before) / 4 + 0.1, (before, after)

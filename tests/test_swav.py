@@ -13,6 +13,8 @@ from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.methods import Progress, build_method
 from sslctl.methods import swav as swav_module
 from sslctl.recipes import load_recipe
+from sslctl.train import pretrain
+from tests.realrun import learned, metrics, retrieval_draws, trained_backbone
 
 
 def unit(*shape: int) -> torch.Tensor:
@@ -259,58 +261,45 @@ def test_distributed_sinkhorn_equals_single_process_on_the_concatenated_batch(tm
 # ---------------------------------------------------------------- a real run (slow)
 
 
-def view_retrieval(backbone: torch.nn.Module, shards, cfg: dict, n: int = 200, seed: int = 0) -> float:
-    """Top-1 rate at which the first augmented view of each of n held-out (test split) images
-    retrieves its own second view among the n second views (cosine of pooled features, eval
-    mode). The views are the recipe's, drawn with a fixed seed, so two encoders see the same ones."""
-    from itertools import islice
-
-    from sslctl.augment import build_views, normalization
-    from sslctl.data import iter_shard, load_manifest, split_shards
-
-    manifest = load_manifest(shards)
-    make_views = build_views(cfg["augment"], *normalization(cfg["augment"], manifest))
-    torch.manual_seed(seed)
-    images = [img for _, img, _ in islice(iter_shard(split_shards(manifest, "test")[0], rgb=True), n)]
-    pairs = [make_views(img)[:2] for img in images]
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        a = F.normalize(backbone(torch.stack([p[0] for p in pairs])), dim=1)
-        b = F.normalize(backbone(torch.stack([p[1] for p in pairs])), dim=1)
-    backbone.train(was_training)
-    return (a @ b.t()).argmax(dim=1).eq(torch.arange(len(pairs))).float().mean().item()
-
-
-def real_run(shards, recipe: str, out, steps: int, overrides: list[str]) -> tuple[list[dict], float, float]:
-    """pretrain `steps` steps of the recipe's small variant; (metrics, retrieval at init, after)."""
-    import json
-
-    from sslctl.encoder_io import load_encoder
-    from sslctl.train import pretrain
-
+def short_run(shards, recipe: str, out, steps: int, overrides: list[str]) -> tuple[list[dict], list[float], list[float]]:
+    """Pretrain `steps` steps of the recipe's small variant through the real engine (CPU); its
+    metrics rows and the held-out view retrieval (4 draws) at initialisation and after."""
     cfg = load_recipe(recipe, variant="small", overrides=overrides)
     torch.manual_seed(0)  # the engine's initialisation for seed 0
-    at_init = view_retrieval(build_method(cfg).backbone, shards, cfg)
-    run = pretrain(shards, cfg, out, max_steps=steps, workers=1, seed=0, log_every=5)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained, _ = load_encoder(run / "encoder.safetensors")
-    return rows, at_init, view_retrieval(trained, shards, cfg)
+    at_init = retrieval_draws(build_method(cfg).backbone, shards, cfg)
+    run = pretrain(shards, cfg, out, device="cpu", max_steps=steps, workers=1, seed=0, log_every=10)
+    return metrics(run), at_init, retrieval_draws(trained_backbone(run), shards, cfg)
+
+
+# The short-run settings of tests/test_short_runs.py (the 2-core CPU's budget): batch 16, one
+# epoch's schedule, 28-px large crops of scale 0.2-1 (14%-crops of a 28-px image hold too little
+# to learn from in 300 steps). Otherwise the small variant as it is: lr 0.6 (the bs-256 preset,
+# LARC, no warmup), 4 small crops, 512 prototypes frozen for the first epoch (the whole run), no
+# queue (from epoch 15).
+SHORT_RUN = ["optim.batch_size=16", "schedule.epochs=1", "augment.crop_size=28", "augment.crop_scale=[0.2, 1.0]"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known defect (issue 6 open): after 40 steps the loss falls and z_std stays healthy, "
-                   "but held-out view retrieval drops (0.040 -> 0.015 in the last full run)", strict=False)
+@pytest.mark.xfail(
+    reason=(
+        "SwAV does not reliably learn in a CPU-budget run (issue 6 open; docs/methods-swav-simclr2.md): in 300 steps "
+        "of 16 the loss falls below ln K and z_std stays healthy, but held-out view retrieval ends at 1.28x, 0.78x "
+        "and 1.19x its value at initialisation with engine seeds 0, 1 and 2 (1.25x and a win on 3 of 4 draws pass), "
+        "and at 0.75x to 1.38x over 12 other settings (lr, queue, prototypes, epsilon, crops, jitter, optimiser, head"
+        " BN); 1,200 steps reach 1.6x (2 draws). The Sinkhorn codes of an encoder this young are nearly uniform "
+        "(entropy 5.9 of ln 512 = 6.24, largest entry 0.006), so the swapped prediction mostly flattens the "
+        "predictions instead of aligning views"
+    ),
+    strict=False,
+)
 def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
-    """SwAV small variant (2x32 + 4x16 crops, 512 prototypes) on 5,000 Fashion-MNIST images, 40
-    steps of 64: the loss falls (from above the collapse plateau ln K = 6.24, where random scores
-    start, towards it and on), the embeddings keep their spread, and held-out images' views
-    retrieve each other better than at initialisation."""
-    rows, at_init, trained = real_run(
-        mini_shards, "swav", tmp_path / "run", 40,
-        ["optim.batch_size=64", "schedule.epochs=1", "method.freeze_prototypes_epochs=0.1"],
-    )
+    """SwAV small variant (2x28 + 4x16 crops, 512 prototypes) on 5,000 Fashion-MNIST images, 300
+    steps of 16: the loss falls from above the collapse plateau ln K = 6.24 (where random scores
+    start) to below it, the embeddings keep their spread, and held-out images' views retrieve
+    each other better than at initialisation on (nearly) every one of 4 draws."""
+    rows, at_init, trained = short_run(mini_shards, "swav", tmp_path / "run", 300, SHORT_RUN)
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses[-1] < losses[0] - 0.2, losses
+    first, late = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert late < first - 0.2 and late < math.log(512), losses  # 6.40 -> 6.10 measured
     assert rows[-1]["z_std"] > 0.5 / math.sqrt(128), rows[-1]  # healthy ~ 1/sqrt(128) = 0.088
-    assert trained > at_init + 0.05, (at_init, trained)
+    assert learned(at_init, trained), (at_init, trained)

@@ -17,7 +17,8 @@ from sslctl.losses.local import map_nce
 from sslctl.methods import available, build_method
 from sslctl.methods.amdim import AMDIM
 from sslctl.recipes import load_recipe
-from tests.test_amdim import first_and_last_losses, one_thread, shard_mini, short_run, view_retrieval  # noqa: F401
+from tests.realrun import learned, retrieval_draws
+from tests.test_amdim import first_and_last_losses, one_thread, short_run  # noqa: F401
 
 TINY_AMDIM = ["encoder.ndf=8", "encoder.n_rkhs=32", "encoder.depth=1"]
 
@@ -95,8 +96,8 @@ def test_cuda_bf16_channels_last_steps(recipe, overrides):
 
 
 @pytest.mark.slow
-def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_thread):
-    shards = shard_mini(tmp_path / "shards")
+def test_short_fashion_mnist_run_learns_view_invariant_features(mini_shards, tmp_path, one_thread):
+    shards = mini_shards
     overrides = ["encoder.ndf=32", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
                  "optim.lr=1e-3", "schedule.warmup_steps=0"]
     cfg, run, records = short_run(shards, "yadim", tmp_path / "run", 100, *overrides)
@@ -106,13 +107,14 @@ def test_short_fashion_mnist_run_learns_view_invariant_features(tmp_path, one_th
     trained, _ = load_encoder(run / "encoder.safetensors")
     torch.manual_seed(0)
     initial = build_backbone("amdim", **trained.options)
-    before, after = view_retrieval(initial, cfg, shards), view_retrieval(trained, cfg, shards)
-    assert after > before + 0.1, (before, after)
+    before, after = retrieval_draws(initial, shards, cfg), retrieval_draws(trained, shards, cfg)
+    # mean of 4 draws: 0.055 -> 0.359 measured
+    assert learned(before, after) and sum(after) / 4 > sum(before) / 4 + 0.1, (before, after)
 
 
 @pytest.mark.slow
-def test_one_line_resnet18_swap_trains(tmp_path, one_thread):
-    shards = shard_mini(tmp_path / "shards")
+def test_one_line_resnet18_swap_trains(mini_shards, tmp_path, one_thread):
+    shards = mini_shards
     cfg, run, records = short_run(
         shards, "yadim", tmp_path / "run", 40, "encoder.name=resnet18", "optim.batch_size=16", "optim.base_batch=16",
         "optim.lr=2e-3", "schedule.warmup_steps=0",
