@@ -202,7 +202,7 @@ def sslctl_cmd(method: str, run: Path, args, steps: int) -> list[str]:
         "--out", str(run), "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "1000000",
         "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed),
     ]
-    for item in SSLCTL_OVERRIDES[method] + list(args.sslctl_set):
+    for item in SSLCTL_OVERRIDES[method] + [f"schedule.epochs={args.epochs}"] + list(args.sslctl_set):
         cmd += ["--set", item]
     return cmd + args.sslctl_args.split()
 
@@ -234,7 +234,7 @@ def run_lightly(method: str, run: Path, args, steps: int, deadline: float | None
     cmd = [
         sys.executable, str(BENCH / "_lightly_side.py"), "--method", method, "--out", str(run),
         "--fmnist", str(args.fmnist), "--data-root", str(args.work / "torchvision"), "--steps", str(steps),
-        "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed),
+        "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed), "--epochs", str(args.epochs),
     ]
     if deadline:
         cmd += ["--deadline", repr(deadline)]
@@ -472,6 +472,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (b1), or left out of images/s (b2)")
     ap.add_argument("--repeats", type=int, default=None, help="b1: 3; b2: 1")
     ap.add_argument("--minutes", type=float, default=10.0, help="b2-wall: the wall-clock budget per run")
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="the cosine schedule spans this many epochs, both libraries (b2-wall: at most this many are run; "
+                         "more than 1 for fast devices, where one epoch takes seconds)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None, help="loader processes, both libraries [sslctl's default: cores - 1]")
     ap.add_argument("--seed", type=int, default=0)
@@ -491,7 +494,7 @@ def main() -> None:
         raise SystemExit(f"unknown method/library {bad}; methods: {', '.join(ALL_METHODS)}; libraries: sslctl, lightly")
     b1 = args.protocol == "b1"
     steps = args.steps or (30 if b1 else 300)
-    total_steps = steps + args.warmup if b1 else (steps if args.protocol == "b2" else STEPS_PER_EPOCH)
+    total_steps = steps + args.warmup if b1 else (steps if args.protocol == "b2" else args.epochs * STEPS_PER_EPOCH)
     repeats = args.repeats or (3 if b1 else 1)
     if args.workers is None:
         from sslctl.data import default_workers
@@ -539,7 +542,7 @@ def main() -> None:
         f"{args.protocol.upper()} on {info.get('gpu') or info['cpu']} ({args.device}, {info['cores']} cores, torch {info['torch']}, "
         f"lightly {info['lightly']}); batch {BATCH}, "
         + {"b1": f"{steps} timed steps after {args.warmup} warm-up", "b2": f"{steps} steps",
-           "b2-wall": f"{args.minutes:g} min per run from launch (at most one epoch)"}[args.protocol]
+           "b2-wall": f"{args.minutes:g} min per run from launch (cosine over {args.epochs} epoch(s), at most that)"}[args.protocol]
         + f", {repeats} repeat(s), "
         f"{args.workers} loader workers; peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
         f"load average at the end {os.getloadavg()[0]:.1f}"
