@@ -445,17 +445,13 @@ class Engine:
 
         def until_signal(batches: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
             while True:
-                try:
-                    views = next(batches)
-                except StopIteration:
-                    return
-                except Exception:  # the signal also reached the loader's workers (as in _epoch)
-                    if signals.signum is None:
-                        raise
+                views = self._next_views(batches, signals)
                 if self._agree(signals.signum is not None):
                     signum = signals.signum or signal.SIGTERM
                     raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} during the method's setup "
                                               "(before step 1); nothing to save. Run the same command again to restart it.")
+                if views is None:
+                    return
                 yield views
 
         if self.main:
@@ -475,15 +471,12 @@ class Engine:
         batches = self._batches(self.epoch, self.position)
         while self.step < self.last_step:
             t_fetch = time.perf_counter()
-            try:
-                views = next(batches)
-            except Exception:
-                # Ctrl-C and torchrun's SIGTERM also reach the loader's workers; a fetch failing
-                # after a signal is the signal, not a data error.
-                if signals.signum is None:
-                    raise
+            views = self._next_views(batches, signals)
             if self._agree(signals.signum is not None):
                 self._interrupted(signals.signum)
+            if views is None:
+                raise RunError(f"the loader ended after {self.position} of the epoch's {self.steps_per_epoch} batches "
+                               f"(epoch {self.epoch + 1}); were the shards in {self.shards} changed during the run?")
             t_ready = time.perf_counter()
             scalars = self._train_step(views)
             self.step, self.position = self.step + 1, self.position + 1
@@ -502,6 +495,20 @@ class Engine:
                 return
             if self.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
+
+    @staticmethod
+    def _next_views(batches: Iterator[list[torch.Tensor]], signals: _StopSignals) -> list[torch.Tensor] | None:
+        """The next batch; None at the end of the data, or when the fetch failed after a stop
+        signal: Ctrl-C and torchrun's SIGTERM also reach the loader's workers, so such a failure
+        is the signal, not a data error (the caller's `_agree` then stops the run)."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception:
+            if signals.signum is None:
+                raise
+            return None
 
     def _interrupted(self, signum: int | None) -> None:
         if self._saved_step != self.step:
