@@ -23,6 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_FMNIST = Path(os.environ.get("SSLCTL_SHARED", REPO.parent / "shared")) / "datasets" / "fashion-mnist"
 
 
+@pytest.fixture
+def one_thread():
+    """Real runs on this shared 2-core machine: one intra-op thread is many times faster than
+    two threads fighting other processes for the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mini_idx() -> Path:
     """The embedded 5,000 + 1,000 Fashion-MNIST subset (idx files)."""

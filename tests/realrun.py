@@ -63,3 +63,15 @@ def metrics(run: Path) -> list[dict]:
 
 def trained_backbone(run: Path) -> torch.nn.Module:
     return load_encoder(run / "encoder.safetensors")[0]
+
+
+def short_run(shards: Path, cfg: dict, out: Path, steps: int) -> tuple[list[dict], list[float], list[float]]:
+    """Pretrain `steps` steps of the resolved recipe `cfg` through the real engine (CPU, seed 0);
+    its metrics rows and the held-out view retrieval (4 draws) at initialisation and after."""
+    from sslctl.methods import build_method
+    from sslctl.train import pretrain
+
+    torch.manual_seed(0)  # the engine's initialisation for seed 0
+    at_init = retrieval_draws(build_method(cfg).backbone, shards, cfg)
+    run = pretrain(shards, cfg, out, device="cpu", seed=0, workers=1, max_steps=steps, log_every=10)
+    return metrics(run), at_init, retrieval_draws(trained_backbone(run), shards, cfg)

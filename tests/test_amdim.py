@@ -29,16 +29,6 @@ from tests.realrun import learned, retrieval_draws
 # ------------------------------------------------------------------ helpers (shared)
 
 
-@pytest.fixture
-def one_thread():
-    """Real runs on this shared 2-core machine: one intra-op thread is many times faster than
-    two threads fighting other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def short_run(shards: Path, recipe: str, out: Path, steps: int, *overrides: str) -> tuple[dict, Path, list[dict]]:
     """Pretrain `recipe` (its small variant) for `steps` steps on the CPU; (cfg, run dir, loss records)."""
     from sslctl.train import pretrain

@@ -29,7 +29,6 @@ from sslctl.methods import build_method
 from sslctl.recipes import load_recipe
 from sslctl.train import pretrain
 from tests.realrun import metrics
-from tests.test_amdim import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from sslctl.losses.local import cpc_nce
 from sslctl.methods import build_method
 from sslctl.nets.cpc import CPCEncoder, MaskedContext, patchify
 from sslctl.recipes import load_recipe
-from tests.test_amdim import first_and_last_losses, held_out_images, one_thread, short_run  # noqa: F401
+from tests.test_amdim import first_and_last_losses, held_out_images, short_run
 
 TINY = dict(layers=[1, 1, 1, 1], width=4)
 

@@ -26,13 +26,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from sslctl.methods import build_method
 from sslctl.recipes import load_recipe
-from sslctl.train import pretrain
-from tests.realrun import learned, metrics, retrieval_draws, trained_backbone
-from tests.test_amdim import one_thread  # noqa: F401 (fixture)
+from tests.realrun import learned, short_run
 
 pytestmark = pytest.mark.slow
 
@@ -77,11 +73,9 @@ STEPS_FOR = {"byol": 2 * STEPS}
 @pytest.mark.parametrize("recipe", list(RUNS))
 def test_short_run_learns_without_collapse(recipe, mini_shards, tmp_path, one_thread):
     cfg = load_recipe(recipe, variant="small", overrides=COMMON + RUNS[recipe])
-    torch.manual_seed(0)  # the engine's initialisation for seed 0
-    at_init = retrieval_draws(build_method(cfg).backbone, mini_shards, cfg)
     steps = STEPS_FOR.get(recipe, STEPS)
-    run = pretrain(mini_shards, cfg, tmp_path / recipe, device="cpu", seed=0, workers=1, max_steps=steps, log_every=10)
-    rows = [r for r in metrics(run) if "loss" in r]  # a window every 10 steps and at each epoch's end
+    rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / recipe, steps)
+    rows = [r for r in rows if "loss" in r]  # a window every 10 steps and at each epoch's end
     assert rows[-1]["step"] == steps
     losses = [r["loss"] for r in rows]
     peak, late = max(losses[: 2 * len(losses) // 3]), sum(losses[-3:]) / 3
@@ -90,7 +84,6 @@ def test_short_run_learns_without_collapse(recipe, mini_shards, tmp_path, one_th
     dim = int(cfg["head"]["projector_dim"])
     assert rows[-1]["z_std"] > 0.25 / math.sqrt(dim), rows[-1]
 
-    trained = retrieval_draws(trained_backbone(run), mini_shards, cfg)
     print(f"{recipe}: loss {losses[0]:.3f} first, {peak:.3f} peak, {late:.3f} last; z_std {rows[-1]['z_std']:.4f}; "
           f"view retrieval {sum(at_init) / 4:.3f} at init -> {sum(trained) / 4:.3f} ({at_init} -> {trained})")
     assert learned(at_init, trained), (at_init, trained)

@@ -13,8 +13,7 @@ from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.methods import Progress, build_method
 from sslctl.methods import swav as swav_module
 from sslctl.recipes import load_recipe
-from sslctl.train import pretrain
-from tests.realrun import learned, metrics, retrieval_draws, trained_backbone
+from tests.realrun import learned, short_run
 
 
 def unit(*shape: int) -> torch.Tensor:
@@ -261,16 +260,6 @@ def test_distributed_sinkhorn_equals_single_process_on_the_concatenated_batch(tm
 # ---------------------------------------------------------------- a real run (slow)
 
 
-def short_run(shards, recipe: str, out, steps: int, overrides: list[str]) -> tuple[list[dict], list[float], list[float]]:
-    """Pretrain `steps` steps of the recipe's small variant through the real engine (CPU); its
-    metrics rows and the held-out view retrieval (4 draws) at initialisation and after."""
-    cfg = load_recipe(recipe, variant="small", overrides=overrides)
-    torch.manual_seed(0)  # the engine's initialisation for seed 0
-    at_init = retrieval_draws(build_method(cfg).backbone, shards, cfg)
-    run = pretrain(shards, cfg, out, device="cpu", max_steps=steps, workers=1, seed=0, log_every=10)
-    return metrics(run), at_init, retrieval_draws(trained_backbone(run), shards, cfg)
-
-
 # The short-run settings of tests/test_short_runs.py (the 2-core CPU's budget): batch 16, 28-px
 # large crops of scale 0.2-1 (14%-crops of a 28-px image hold too little to learn from in a few
 # hundred steps). Otherwise the small variant (lr 0.6, the bs-256 preset with LARC, no warmup, no
@@ -300,7 +289,8 @@ def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
     steps of 16: the loss falls from above the collapse plateau ln K = 8.01 (where random scores
     start) to below it, the embeddings keep their spread, and held-out images' views retrieve
     each other better than at initialisation on (nearly) every one of 4 draws."""
-    rows, at_init, trained = short_run(mini_shards, "swav", tmp_path / "run", 600, SHORT_RUN)
+    cfg = load_recipe("swav", variant="small", overrides=SHORT_RUN)
+    rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / "run", 600)
     losses = [r["loss"] for r in rows if "loss" in r]
     first, late = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     print(f"swav: loss {first:.3f} -> {late:.3f}; z_std {rows[-1]['z_std']:.4f}; view retrieval {at_init} -> {trained}")

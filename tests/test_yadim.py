@@ -18,7 +18,7 @@ from sslctl.methods import available, build_method
 from sslctl.methods.amdim import AMDIM
 from sslctl.recipes import load_recipe
 from tests.realrun import learned, retrieval_draws
-from tests.test_amdim import first_and_last_losses, one_thread, short_run  # noqa: F401
+from tests.test_amdim import first_and_last_losses, short_run
 
 TINY_AMDIM = ["encoder.ndf=8", "encoder.n_rkhs=32", "encoder.depth=1"]
 
