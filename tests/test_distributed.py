@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslctl import distributed as dist

@@ -3,7 +3,6 @@ stem at 16 px, batch 8), built from the real recipes' small variants."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
