@@ -13,8 +13,7 @@ from sslctl.finetune import head_prefix
 from sslctl.methods import build_method
 from sslctl.methods.simclr import SimCLR
 from sslctl.recipes import load_recipe, scaled_lr
-from tests.realrun import learned
-from tests.test_swav import short_run
+from tests.realrun import learned, short_run
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +85,8 @@ def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
     300 steps of 16: the loss falls, the embeddings keep their spread, and held-out images' views
     retrieve each other better than at initialisation on (nearly) every one of 4 draws (measured:
     0.052 -> 0.117 on average; docs/methods-swav-simclr2.md)."""
-    rows, at_init, trained = short_run(mini_shards, "simclr_v2", tmp_path / "run", 300, SHORT_RUN)
+    cfg = load_recipe("simclr_v2", variant="small", overrides=SHORT_RUN)
+    rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / "run", 300)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # 6.03 -> 4.47 measured
     assert rows[-1]["z_std"] > 0.5 / math.sqrt(128), rows[-1]  # healthy ~ 1/sqrt(128) = 0.088
