@@ -248,8 +248,9 @@ def _typed(value: Any, current: Any, key: str, path: Path, origin: str) -> Any:
         return float(value)
     if want == "string" and got in ("int", "float", "bool"):
         return str(value)  # --set recipe.description=2024 means the text
+    article = "an" if want[0] in "aeiou" else "a"
     raise UserError(
-        f"{path}: {key} (from {origin}) must be a {want} like {_toml_value(current)}, got {_toml_value(value)} ({got})"
+        f"{path}: {key} (from {origin}) must be {article} {want} like {_toml_value(current)}, got {_toml_value(value)} ({got})"
     )
 
 

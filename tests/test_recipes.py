@@ -76,7 +76,7 @@ def test_set_overrides_types_and_nesting():
         ("augment.blur=0.5", r"Closest valid key: augment.blur_p\b"),
         ("augment.view1.blurp=1", r"augment.view1.blurp.*Closest valid key: augment.view1.blur_p\b"),
         ("optim.lr=fast", r"optim.lr .*must be a float like 0.03, got \"fast\""),
-        ("schedule.epochs=1.5", r"schedule.epochs .*must be a int"),
+        ("schedule.epochs=1.5", r"schedule.epochs .*must be an int like 200, got 1.5"),
         ("method.symmetric=1", r"method.symmetric .*must be a bool"),
         ("augment.jitter=0.4", r"augment.jitter .*must be a list"),
         ("augment.jitter=[0.4, \"a\", 0.4, 0.1]", r"augment.jitter .*list of float"),
