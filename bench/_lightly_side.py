@@ -184,7 +184,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dataset_probe = 60000 // BATCH  # steps per epoch of Fashion-MNIST train with drop_last
-    total = args.epochs * dataset_probe
+    total = round(args.epochs * dataset_probe)
     setup = Setup(args.method, total)
     model = setup.model.to(device)
     criterion = setup.criterion.to(device)
@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--fmnist", required=True, help="folder with the Fashion-MNIST idx .gz files")
     ap.add_argument("--data-root", required=True, help="torchvision dataset root (raw files unpacked here)")
     ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--epochs", type=int, default=1, help="the cosine spans this many epochs")
+    ap.add_argument("--epochs", type=float, default=1, help="the cosine spans this many epochs (fractions allowed)")
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)

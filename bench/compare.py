@@ -234,7 +234,7 @@ def run_lightly(method: str, run: Path, args, steps: int, deadline: float | None
     cmd = [
         sys.executable, str(BENCH / "_lightly_side.py"), "--method", method, "--out", str(run),
         "--fmnist", str(args.fmnist), "--data-root", str(args.work / "torchvision"), "--steps", str(steps),
-        "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed), "--epochs", str(args.epochs),
+        "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed), "--epochs", str(args.lightly_epochs),
     ]
     if deadline:
         cmd += ["--deadline", repr(deadline)]
@@ -475,6 +475,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1,
                     help="the cosine schedule spans this many epochs, both libraries (b2-wall: at most this many are run; "
                          "more than 1 for fast devices, where one epoch takes seconds)")
+    ap.add_argument("--lightly-epochs", type=float, default=None,
+                    help="lightly's schedule length in epochs when it should differ from --epochs [--epochs]; b2-wall: "
+                         "let each library's cosine end within the budget at its own speed (fractions allowed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None, help="loader processes, both libraries [sslctl's default: cores - 1]")
     ap.add_argument("--seed", type=int, default=0)
@@ -494,7 +497,13 @@ def main() -> None:
         raise SystemExit(f"unknown method/library {bad}; methods: {', '.join(ALL_METHODS)}; libraries: sslctl, lightly")
     b1 = args.protocol == "b1"
     steps = args.steps or (30 if b1 else 300)
-    total_steps = steps + args.warmup if b1 else (steps if args.protocol == "b2" else args.epochs * STEPS_PER_EPOCH)
+    if args.lightly_epochs is None:
+        args.lightly_epochs = args.epochs
+    epochs_of = {"sslctl": args.epochs, "lightly": args.lightly_epochs}
+
+    def total_steps(library: str) -> int:
+        return steps + args.warmup if b1 else (steps if args.protocol == "b2" else round(epochs_of[library] * STEPS_PER_EPOCH))
+
     repeats = args.repeats or (3 if b1 else 1)
     if args.workers is None:
         from sslctl.data import default_workers
@@ -524,9 +533,9 @@ def main() -> None:
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
                 deadline = time.time() + 60 * args.minutes if args.protocol == "b2-wall" else None
                 load_before = os.getloadavg()
-                log(f"[{args.protocol} repeat {rep + 1}/{repeats}] {library} {method}: {total_steps} steps ...")
+                log(f"[{args.protocol} repeat {rep + 1}/{repeats}] {library} {method}: {total_steps(library)} steps ...")
                 side = run_sslctl if library == "sslctl" else run_lightly
-                r = side(method, run_dir, args, total_steps, deadline)
+                r = side(method, run_dir, args, total_steps(library), deadline)
                 r.update(repeat=rep, load_before=load_before, load_after=os.getloadavg())
                 times = r["step_times"][args.warmup:]
                 log(f"    {r['steps']} steps, {BATCH * len(times) / max(1e-9, sum(times)):.1f} images/s after warm-up, "
@@ -542,7 +551,8 @@ def main() -> None:
         f"{args.protocol.upper()} on {info.get('gpu') or info['cpu']} ({args.device}, {info['cores']} cores, torch {info['torch']}, "
         f"lightly {info['lightly']}); batch {BATCH}, "
         + {"b1": f"{steps} timed steps after {args.warmup} warm-up", "b2": f"{steps} steps",
-           "b2-wall": f"{args.minutes:g} min per run from launch (cosine over {args.epochs} epoch(s), at most that)"}[args.protocol]
+           "b2-wall": f"{args.minutes:g} min per run from launch (cosine over {args.epochs:g} epoch(s) for sslctl, "
+                      f"{args.lightly_epochs:g} for lightly; at most that)"}[args.protocol]
         + f", {repeats} repeat(s), "
         f"{args.workers} loader workers; peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
         f"load average at the end {os.getloadavg()[0]:.1f}"
