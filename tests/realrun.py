@@ -9,6 +9,7 @@ ResNet-18 already reaches ~83% on Fashion-MNIST.
 
 from __future__ import annotations
 
+import copy
 import json
 from itertools import islice
 from pathlib import Path
@@ -34,11 +35,11 @@ def view_retrieval(backbone: torch.nn.Module, shards: Path, cfg: dict, n: int = 
     for _, image, _ in islice(iter_shard(split_shards(manifest, "test")[0], rgb=True), n):
         views = make_views(image)
         pairs.append(views[:2] if len(views) >= 2 else [views[0], make_views(image)[0]])
-    x = torch.stack([p[0] for p in pairs] + [p[1] for p in pairs])
-    was_training = backbone.training
-    backbone.eval()
-    f = F.normalize(torch.cat([backbone(chunk) for chunk in x.split(256)]).float(), dim=1)
-    backbone.train(was_training)
+    x = torch.stack([p[0] for p in pairs] + [p[1] for p in pairs]).contiguous(memory_format=torch.channels_last)
+    # fp32 (at initialisation the views' features differ by less than bf16 resolves), in
+    # channels_last on a copy: 1.3x faster on the CPU, the same retrievals
+    net = copy.deepcopy(backbone).eval().to(memory_format=torch.channels_last)
+    f = F.normalize(torch.cat([net(chunk) for chunk in x.split(256)]).float(), dim=1)
     sims = f @ f.T
     sims.fill_diagonal_(-2.0)
     partner = torch.cat([torch.arange(len(pairs)) + len(pairs), torch.arange(len(pairs))])
