@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shell/setup.sh
-exec .venv/bin/python -m pytest -n auto --dist worksteal --durations=25 "$@"
+exec .venv/bin/python -m pytest -n auto --dist load --maxschedchunk 1 --durations=25 "$@"

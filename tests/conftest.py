@@ -20,7 +20,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
 SHARED_FMNIST = Path(os.environ.get("SSLCTL_SHARED", REPO.parent / "shared")) / "datasets" / "fashion-mnist"
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests (real training runs, minutes each) first, in collection order otherwise.
+    shell/test.sh hands tests to the workers one at a time as they free up (--dist load
+    --maxschedchunk 1), so the long runs spread over the workers and the seconds-long tests fill
+    the gaps at the end, instead of one worker finishing a long run alone while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
