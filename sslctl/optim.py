@@ -40,8 +40,8 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             # Multi-tensor (foreach) ops over the whole group instead of ~8 small ops per tensor:
-            # bitwise the same results as the per-tensor loop (3 steps of ResNet-18) and far fewer kernel launches on a GPU. On the
-            # CPU the step is memory-bound either way (~25 ms for ResNet-18 + head, one thread).
+            # bitwise the same weights as a per-tensor loop (3 steps of ResNet-18), far fewer
+            # kernel launches on a GPU; on the CPU the update is memory-bound either way (~25 ms).
             params = [w for w in group["params"] if w.grad is not None]
             if not params:
                 continue

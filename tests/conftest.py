@@ -20,7 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-
 SHARED_FMNIST = Path(os.environ.get("SSLCTL_SHARED", REPO.parent / "shared")) / "datasets" / "fashion-mnist"
 
 
