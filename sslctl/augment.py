@@ -23,7 +23,6 @@ randomness comes from torch's RNG so `torch.manual_seed` (per DataLoader worker)
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Sequence
 
