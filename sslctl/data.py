@@ -353,8 +353,17 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_leave_signals_to_the_main_process,
+        collate_fn=collate_images if transform is None and output == "tensor" else None,
     )
     return ShardLoader(dataset, loader, steps)
+
+
+def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """Undecorated images: one uint8 B x C x H x W tensor when they share a shape, else the list
+    (an image folder of mixed sizes or of gray and colour images; BatchViews takes either)."""
+    images, labels = zip(*batch)
+    same = all(im.shape == images[0].shape for im in images)
+    return (torch.stack(images) if same else list(images)), torch.tensor(labels)
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

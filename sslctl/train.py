@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +41,7 @@ from sslctl import console
 from sslctl import distributed as dist
 from sslctl.artifacts import atomic_write_text
 from sslctl.augment import build_views, eval_transform, normalization
+from sslctl.augment_batch import BatchViews
 from sslctl.data import default_workers, load_manifest, make_loader
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, SslctlError, UserError
@@ -82,6 +84,18 @@ def default_amp(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_augment_on(augment_on: str) -> str:
+    """Where the training views are made: "loader" (per image, torchvision v2, in the loader's
+    worker processes; the default) or "device" (the whole uint8 batch at once on the training
+    device, sslctl/augment_batch.py). The loader stays the default everywhere: on an H200 (B1,
+    batch 128, 32 px, docs/performance.md) the batched views were faster for SimCLR (9,544 vs
+    8,579 images/s) but slower for MoCo v2 (3,134 vs 7,104) and BYOL (2,458 vs 4,378); on the CPU
+    the loader's workers keep data-wait under 1% beside the training."""
+    if augment_on not in ("loader", "device"):
+        raise UserError(f"--augment-on {augment_on}: expected loader or device")
+    return augment_on
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -196,6 +210,7 @@ class Engine:
         channels_last: bool | None,
         amp: bool | None,
         recipe_file: str | None,
+        augment_on: str = "loader",
     ):
         if resume not in ("auto", "never"):
             raise UserError(f"--resume {resume}: expected auto or never")
@@ -246,7 +261,13 @@ class Engine:
         self.batch, self.batch_per_rank = batch, batch // self.world
         self.mean, self.std = normalization(cfg["augment"], self.manifest)
         self.workers = default_workers(self.world) if workers is None else workers
-        self.loader = self._loader("train", build_views(cfg["augment"], self.mean, self.std), shuffle=True)
+        self.augment_on = check_augment_on(augment_on)
+        self.batch_views = None
+        if self.augment_on == "device":  # the loader only decodes; gray images stay 1 channel
+            self.batch_views = BatchViews(cfg["augment"], self.mean, self.std, channels_last=self.channels_last)
+            self.loader = self._loader("train", None, shuffle=True, rgb=False)
+        else:
+            self.loader = self._loader("train", build_views(cfg["augment"], self.mean, self.std), shuffle=True)
         self.steps_per_epoch = len(self.loader)  # equal on every rank (make_loader drops the rest)
         self.epochs = int(cfg["schedule"]["epochs"])
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -275,18 +296,23 @@ class Engine:
                 f"{f' x {self.world} processes' if self.world > 1 else ''}: batch {batch} global"
                 f"{f' = {self.batch_per_rank} per process' if self.world > 1 else ''}, {lr_message}, "
                 f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, bf16 {'on' if self.amp else 'off'}, "
-                f"channels_last {'on' if self.channels_last else 'off'}, {self.workers} loader workers"
+                f"channels_last {'on' if self.channels_last else 'off'}, {self.workers} loader workers, "
+                f"views made {'per image in the loader' if self.batch_views is None else 'per batch on the ' + self.device.type}"
             )
+            if self.batch_views is not None and cfg["augment"].get("interpolation", "bilinear") != "bilinear":
+                console.log(f"augment.interpolation = {cfg['augment']['interpolation']}: the batched views resize with "
+                            "area-averaged bilinear sampling (--augment-on loader follows the recipe's interpolation)")
             if self._saved_step is not None:
                 console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 
     # -------------------------------------------------------------------------- construction
 
-    def _loader(self, split: str, transform, *, shuffle: bool, rank: int | None = None, world_size: int | None = None):
+    def _loader(self, split: str, transform, *, shuffle: bool, rank: int | None = None, world_size: int | None = None,
+                rgb: bool = True):
         """Training batches (shuffled, whole batches, this rank's share), or a whole split in order."""
         return make_loader(
             self.manifest, split, batch_size=self.batch_per_rank, transform=transform, workers=self.workers,
-            seed=self.seed, shuffle=shuffle, drop_last=shuffle, rgb=True,
+            seed=self.seed, shuffle=shuffle, drop_last=shuffle, rgb=rgb,
             rank=self.rank if rank is None else rank, world_size=self.world if world_size is None else world_size,
             pin_memory=self.device.type == "cuda",
         )
@@ -419,17 +445,34 @@ class Engine:
 
         The main process's RNGs are put back after every fetch, so the loader (which draws worker
         base seeds when its iterator starts, and augments in this process with workers=0) never
-        shifts the training's random stream: a resumed run draws exactly what the original did."""
+        shifts the training's random stream: a resumed run draws exactly what the original did.
+        Batched views (--augment-on device) draw from a generator seeded by (seed, epoch, rank,
+        batch), for the same reason."""
         self.loader.set_epoch(epoch, start)
         it = iter(self.loader)
-        while True:
+        for index in range(start, self.steps_per_epoch):
             saved = ckpt.rng_state()
             batch = next(it, None)
             ckpt.set_rng_state(saved)
             if batch is None:
                 return
-            views, _labels = batch
-            yield [v.to(self.device, non_blocking=True, memory_format=self._memory_format(v)) for v in views]
+            images, _labels = batch
+            if self.batch_views is None:  # the loader made the views
+                yield [v.to(self.device, non_blocking=True, memory_format=self._memory_format(v)) for v in images]
+            else:
+                yield self._views_of_batch(images, epoch, index)
+
+    def _views_of_batch(self, images: torch.Tensor | list[torch.Tensor], epoch: int, index: int) -> list[torch.Tensor]:
+        """The views of one uint8 batch (or list of images of different sizes), made on the device."""
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+        else:
+            images = [im.to(self.device, non_blocking=True) for im in images]
+        # BatchViews draws every random number from the CPU generator: seed it alone (torch.manual_seed
+        # would reseed the CUDA generators the training uses) and put its state back afterwards
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.rank}:{index}".encode()))
+            return self.batch_views(images)
 
     def _memory_format(self, v: torch.Tensor) -> torch.memory_format:
         return torch.channels_last if self.channels_last and v.ndim == 4 else torch.preserve_format
@@ -644,6 +687,7 @@ def pretrain(
     channels_last: bool | None = None,
     amp: bool | None = None,
     recipe_file: str | None = None,
+    augment_on: str = "loader",
 ) -> Path:
     """Pretrain the recipe `cfg` (resolved by sslctl.recipes.load_recipe) on the shards' train
     split; write RUN_DIR (recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl)
@@ -652,11 +696,13 @@ def pretrain(
     resume: "auto" continues from RUN_DIR/checkpoints/last.pt when present (refusing a different
     recipe), "never" refuses an existing run. max_steps stops early without changing the lr
     schedule (which always spans the recipe's epochs). amp / channels_last: None = measured
-    default for the device. recipe_file names the recipe in error messages.
+    default for the device. recipe_file names the recipe in error messages. augment_on: where the
+    views are made, see `check_augment_on`.
     Raises UserError (exit 2), RunError (exit 1: NaN loss), Interrupted (exit 143 / 130)."""
     engine = Engine(
         shards, cfg, out_dir, device=device, resume=resume, seed=seed, workers=workers, compile=compile,
         checkpoint_every=checkpoint_every, log_every=log_every, monitor_split=monitor_split,
         monitor_every=monitor_every, max_steps=max_steps, channels_last=channels_last, amp=amp, recipe_file=recipe_file,
+        augment_on=augment_on,
     )
     return engine.run()

@@ -209,6 +209,46 @@ def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
             assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
 
 
+def test_batched_views_on_the_device_resume_exactly(shards, tmp_path):
+    """--augment-on device (the loader only decodes; BatchViews makes the views in the training
+    process): views drawn from a per-(seed, epoch, rank, batch) generator, so 4 steps + resume to
+    9 equal 9 uninterrupted steps, and the views differ from the per-image loader's."""
+    from sslctl.recipes import load_recipe
+    from sslctl.train import pretrain
+
+    cfg = load_recipe("moco_v2", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16",
+                                                              "method.queue_size=64", "method.bn_splits=2"])
+    kw = dict(workers=2, log_every=1, seed=1, device="cpu")  # bitwise resume is a CPU promise
+    pretrain(shards, cfg, tmp_path / "a", max_steps=9, augment_on="device", **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=4, augment_on="device", **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=9, augment_on="device", **kw)
+    pretrain(shards, cfg, tmp_path / "loader", max_steps=9, augment_on="loader", **kw)
+    batched, resumed, per_image = (_metrics(tmp_path / d) for d in ("a", "b", "loader"))
+    assert batched == resumed and len(batched) == 9
+    assert [m["loss"] for m in batched] != [m["loss"] for m in per_image]
+    assert all(np.isfinite(m["loss"]) for m in batched)
+
+
+def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path):
+    """An image folder of gray and colour images of different sizes: the loader hands BatchViews
+    a list (sslctl.data.collate_images) and the run trains."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        h, w = rng.integers(20, 48, size=2)
+        mode, shape = ("L", (h, w)) if i % 3 else ("RGB", (h, w, 3))
+        folder = tmp_path / "images" / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(folder / f"{i:03d}.png")
+    assert run_cli("shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--quiet").returncode == 0
+    done = _run(_pretrain(tmp_path / "shards", tmp_path / "run", "--max-steps", "2", "--workers", "1",
+                          "--augment-on", "device", "--variant", "small", "--device", "cpu"))
+    assert done.returncode == 0, done.stderr
+    assert "views made per batch on the cpu" in " ".join(done.stderr.split())
+    assert len(_metrics(tmp_path / "run")) == 2
+
+
 def test_rerun_of_a_finished_run_is_a_no_op_and_a_changed_recipe_is_refused(shards, reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -254,6 +294,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
         (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lr=fast"], "optim.lr"),
         (["SHARDS", "--recipe", "moco_v2", "--monitor", "val"], "has splits train, test"),
         (["SHARDS", "--recipe", "moco_v2", "--device", "tpu"], "--device"),
+        (["SHARDS", "--recipe", "moco_v2", "--augment-on", "gpu"], "expected loader or device"),
         (["SHARDS", "--recipe", "moco_v2", "--bogus-flag"], "--bogus-flag"),
     ],
 )
