@@ -187,7 +187,7 @@ def train(args) -> dict:
     total = round(args.epochs * dataset_probe)
     setup = Setup(args.method, total)
     model = setup.model.to(device)
-    criterion = setup.criterion.to(device)
+    setup.criterion.to(device)  # in place: the loss (and MoCo's memory bank in it) lives on the device
     dataset = fashion_mnist(Path(args.data_root), Path(args.fmnist), setup.transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=args.workers,
