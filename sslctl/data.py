@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 from sslctl.errors import UserError
@@ -140,7 +140,8 @@ class ShardDataset(IterableDataset):
     shuffle_buffer=0 reads in stored order (one rank, one worker: exactly the manifest's order).
     batch_size/drop_last (set by make_loader): blocks per worker are whole batches, and with
     drop_last each rank yields exactly total // (batch_size * world_size) batches.
-    return_key=True yields (image, label, key).
+    return_key=True yields (image, label, key); return_seed=True (image, label, seed), the
+    sample's (seed, epoch, position) seed, for a transform applied to whole batches later.
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class ShardDataset(IterableDataset):
         batch_size: int | None = None,
         drop_last: bool = False,
         return_key: bool = False,
+        return_seed: bool = False,
     ):
         if output not in ("tensor", "pil"):
             raise UserError(f"output={output!r}: expected 'tensor' or 'pil'")
@@ -168,7 +170,7 @@ class ShardDataset(IterableDataset):
         self.counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
         self.total = sum(self.counts)
         self.split, self.transform, self.shuffle_buffer, self.seed = split, transform, shuffle_buffer, seed
-        self.rgb, self.output, self.return_key = rgb, output, return_key
+        self.rgb, self.output, self.return_key, self.return_seed = rgb, output, return_key, return_seed
         self.rank = distributed.rank() if rank is None else rank
         self.world_size = distributed.world_size() if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -268,7 +270,12 @@ class ShardDataset(IterableDataset):
             image, label = decoder(sample, rgb=self.rgb)
             if self.transform is not None:
                 image = _seeded(self.transform, image, base + i, keep_rng=info is None)
-            yield (image, label, sample["__key__"]) if self.return_key else (image, label)
+            if self.return_key:
+                yield image, label, sample["__key__"]
+            elif self.return_seed:
+                yield image, label, base + i
+            else:
+                yield image, label
 
 
 def _seeded(transform: Callable, image, seed: int, keep_rng: bool):
@@ -328,14 +335,20 @@ def make_loader(
     pin_memory: bool = False,
     shuffle_buffer: int = 2000,
     output: str = "tensor",
+    batch_transform: Callable | None = None,
 ) -> ShardLoader:
     """A DataLoader over one split; `batch_size` is per rank.
+
+    batch_transform (instead of transform): called once per batch in the loader's worker on
+    the batch's uint8 images (a B x C x H x W tensor, or a list when their shapes differ), with
+    torch's CPU RNG seeded by the batch's first sample; batches are (its output, labels).
 
     With drop_last every rank gets exactly len() = total // (batch_size * world_size) batches,
     so DDP ranks finish an epoch together. Call `.set_epoch(e)` before each epoch."""
     dataset = ShardDataset(
         shards, split, transform=transform, shuffle_buffer=shuffle_buffer if shuffle else 0, seed=seed, rgb=rgb,
         output=output, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last,
+        return_seed=batch_transform is not None,
     )
     steps = dataset.num_batches()
     if drop_last and steps == 0:
@@ -353,17 +366,33 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_leave_signals_to_the_main_process,
-        collate_fn=collate_images if transform is None and output == "tensor" else None,
+        collate_fn=(_TransformBatch(batch_transform) if batch_transform is not None
+                    else collate_images if transform is None and output == "tensor" else None),
     )
     return ShardLoader(dataset, loader, steps)
 
 
-def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+def collate_images(batch: list[tuple]) -> tuple:
     """Undecorated images: one uint8 B x C x H x W tensor when they share a shape, else the list
-    (an image folder of mixed sizes or of gray and colour images; BatchViews takes either)."""
-    images, labels = zip(*batch)
+    (an image folder of mixed sizes or of gray and colour images; BatchViews takes either); the
+    other fields (label, and key or seed) collated as the DataLoader's default does."""
+    images = [item[0] for item in batch]
     same = all(im.shape == images[0].shape for im in images)
-    return (torch.stack(images) if same else list(images)), torch.tensor(labels)
+    return (torch.stack(images) if same else images), *default_collate([item[1:] for item in batch])
+
+
+class _TransformBatch:
+    """collate_fn: a transform of the whole batch, seeded by its first sample's (seed, epoch,
+    position), so a batch's views do not depend on which worker makes them (exact resume)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int, int]]):
+        images, labels, _seeds = collate_images(batch)
+        with torch.random.fork_rng(devices=[]):  # the main process's stream stays as it was (workers=0)
+            torch.default_generator.manual_seed(batch[0][2] % 2**63)
+            return self.transform(images), labels
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

@@ -86,16 +86,20 @@ def default_amp(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def check_augment_on(augment_on: str) -> str:
-    """Where the training views are made: "loader" (per image, torchvision v2, in the loader's
-    worker processes; the default) or "device" (the whole uint8 batch at once on the training
-    device, sslctl/augment_batch.py). The loader stays the default everywhere: on an H200 (B1,
-    batch 128, 32 px, docs/performance.md) the batched views were faster for SimCLR (9,544 vs
-    8,579 images/s) but slower for MoCo v2 (3,134 vs 7,104) and BYOL (2,458 vs 4,378); on the CPU
-    the loader's workers keep data-wait under 1% beside the training."""
-    if augment_on not in ("loader", "device"):
-        raise UserError(f"--augment-on {augment_on}: expected loader or device")
-    return augment_on
+VIEW_MODES = ("per-image", "batch", "batch-on-device")
+
+
+def check_views_mode(views: str) -> str:
+    """How the training views are made (docs/performance.md):
+    per-image        torchvision v2, image by image, in the loader's workers (the default);
+    batch            sslctl/augment_batch.py's BatchViews on each whole uint8 batch, in the workers
+                     (2-core CPU, B1: 1.05-1.19x per-image's images/s);
+    batch-on-device  BatchViews on the training device, in the training process (on an H200, B1:
+                     faster than per-image for SimCLR, 9,544 vs 8,579 images/s, slower for MoCo v2,
+                     3,134 vs 7,104, and BYOL, 2,458 vs 4,378)."""
+    if views not in VIEW_MODES:
+        raise UserError(f"--views {views}: expected one of {', '.join(VIEW_MODES)}")
+    return views
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -210,7 +214,7 @@ class Engine:
         channels_last: bool | None,
         amp: bool | None,
         recipe_file: str | None,
-        augment_on: str = "loader",
+        views: str = "per-image",
     ):
         if resume not in ("auto", "never"):
             raise UserError(f"--resume {resume}: expected auto or never")
@@ -261,13 +265,17 @@ class Engine:
         self.batch, self.batch_per_rank = batch, batch // self.world
         self.mean, self.std = normalization(cfg["augment"], self.manifest)
         self.workers = default_workers(self.world) if workers is None else workers
-        self.augment_on = check_augment_on(augment_on)
-        self.batch_views = None
-        if self.augment_on == "device":  # the loader only decodes; gray images stay 1 channel
-            self.batch_views = BatchViews(cfg["augment"], self.mean, self.std, channels_last=self.channels_last)
-            self.loader = self._loader("train", None, shuffle=True, rgb=False)
-        else:
+        self.views = check_views_mode(views)
+        self.batch_views = None  # set when the views are made on the device
+        if self.views == "per-image":
             self.loader = self._loader("train", build_views(cfg["augment"], self.mean, self.std), shuffle=True)
+        else:  # the loader decodes; gray images stay 1 channel until BatchViews normalises them
+            batch_views = BatchViews(cfg["augment"], self.mean, self.std)
+            if self.views == "batch":
+                self.loader = self._loader("train", None, shuffle=True, rgb=False, batch_transform=batch_views)
+            else:
+                self.batch_views = batch_views
+                self.loader = self._loader("train", None, shuffle=True, rgb=False)
         self.steps_per_epoch = len(self.loader)  # equal on every rank (make_loader drops the rest)
         self.epochs = int(cfg["schedule"]["epochs"])
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -297,24 +305,24 @@ class Engine:
                 f"{f' = {self.batch_per_rank} per process' if self.world > 1 else ''}, {lr_message}, "
                 f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, bf16 {'on' if self.amp else 'off'}, "
                 f"channels_last {'on' if self.channels_last else 'off'}, {self.workers} loader workers, "
-                f"views made {'per image in the loader' if self.batch_views is None else 'per batch on the ' + self.device.type}"
+                f"views {self.views}"
             )
-            if self.batch_views is not None and cfg["augment"].get("interpolation", "bilinear") != "bilinear":
-                console.log(f"augment.interpolation = {cfg['augment']['interpolation']}: the batched views resize with "
-                            "area-averaged bilinear sampling (--augment-on loader follows the recipe's interpolation)")
+            if self.views != "per-image" and cfg["augment"].get("interpolation", "bilinear") != "bilinear":
+                console.log(f"augment.interpolation = {cfg['augment']['interpolation']}: batched views resize with "
+                            "area-averaged bilinear sampling (--views per-image follows the recipe's interpolation)")
             if self._saved_step is not None:
                 console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 
     # -------------------------------------------------------------------------- construction
 
     def _loader(self, split: str, transform, *, shuffle: bool, rank: int | None = None, world_size: int | None = None,
-                rgb: bool = True):
+                rgb: bool = True, batch_transform=None):
         """Training batches (shuffled, whole batches, this rank's share), or a whole split in order."""
         return make_loader(
             self.manifest, split, batch_size=self.batch_per_rank, transform=transform, workers=self.workers,
             seed=self.seed, shuffle=shuffle, drop_last=shuffle, rgb=rgb,
             rank=self.rank if rank is None else rank, world_size=self.world if world_size is None else world_size,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", batch_transform=batch_transform,
         )
 
     def _check_monitor_split(self) -> None:
@@ -446,8 +454,8 @@ class Engine:
         The main process's RNGs are put back after every fetch, so the loader (which draws worker
         base seeds when its iterator starts, and augments in this process with workers=0) never
         shifts the training's random stream: a resumed run draws exactly what the original did.
-        Batched views (--augment-on device) draw from a generator seeded by (seed, epoch, rank,
-        batch), for the same reason."""
+        Views made here (--views batch-on-device) draw from a generator seeded by (seed, epoch,
+        rank, batch), for the same reason."""
         self.loader.set_epoch(epoch, start)
         it = iter(self.loader)
         for index in range(start, self.steps_per_epoch):
@@ -472,7 +480,7 @@ class Engine:
         # would reseed the CUDA generators the training uses) and put its state back afterwards
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.rank}:{index}".encode()))
-            return self.batch_views(images)
+            return [v.contiguous(memory_format=self._memory_format(v)) for v in self.batch_views(images)]
 
     def _memory_format(self, v: torch.Tensor) -> torch.memory_format:
         return torch.channels_last if self.channels_last and v.ndim == 4 else torch.preserve_format
@@ -687,7 +695,7 @@ def pretrain(
     channels_last: bool | None = None,
     amp: bool | None = None,
     recipe_file: str | None = None,
-    augment_on: str = "loader",
+    views: str = "per-image",
 ) -> Path:
     """Pretrain the recipe `cfg` (resolved by sslctl.recipes.load_recipe) on the shards' train
     split; write RUN_DIR (recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl)
@@ -696,13 +704,13 @@ def pretrain(
     resume: "auto" continues from RUN_DIR/checkpoints/last.pt when present (refusing a different
     recipe), "never" refuses an existing run. max_steps stops early without changing the lr
     schedule (which always spans the recipe's epochs). amp / channels_last: None = measured
-    default for the device. recipe_file names the recipe in error messages. augment_on: where the
-    views are made, see `check_augment_on`.
+    default for the device. recipe_file names the recipe in error messages. views: how the
+    training views are made, see `check_views_mode`.
     Raises UserError (exit 2), RunError (exit 1: NaN loss), Interrupted (exit 143 / 130)."""
     engine = Engine(
         shards, cfg, out_dir, device=device, resume=resume, seed=seed, workers=workers, compile=compile,
         checkpoint_every=checkpoint_every, log_every=log_every, monitor_split=monitor_split,
         monitor_every=monitor_every, max_steps=max_steps, channels_last=channels_last, amp=amp, recipe_file=recipe_file,
-        augment_on=augment_on,
+        views=views,
     )
     return engine.run()

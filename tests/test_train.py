@@ -209,27 +209,29 @@ def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
             assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
 
 
-def test_batched_views_on_the_device_resume_exactly(shards, tmp_path):
-    """--augment-on device (the loader only decodes; BatchViews makes the views in the training
-    process): views drawn from a per-(seed, epoch, rank, batch) generator, so 4 steps + resume to
-    9 equal 9 uninterrupted steps, and the views differ from the per-image loader's."""
+@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
+def test_batched_views_resume_exactly(shards, tmp_path, views):
+    """--views batch (BatchViews on each batch in the loader's workers) and batch-on-device (in
+    the training process): each batch's views come from a seed of (seed, epoch, position), so 4
+    steps + resume to 9 equal 9 uninterrupted steps; and they are not the per-image views."""
     from sslctl.recipes import load_recipe
     from sslctl.train import pretrain
 
     cfg = load_recipe("moco_v2", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16",
                                                               "method.queue_size=64", "method.bn_splits=2"])
-    kw = dict(workers=2, log_every=1, seed=1, device="cpu")  # bitwise resume is a CPU promise
-    pretrain(shards, cfg, tmp_path / "a", max_steps=9, augment_on="device", **kw)
-    pretrain(shards, cfg, tmp_path / "b", max_steps=4, augment_on="device", **kw)
-    pretrain(shards, cfg, tmp_path / "b", max_steps=9, augment_on="device", **kw)
-    pretrain(shards, cfg, tmp_path / "loader", max_steps=9, augment_on="loader", **kw)
-    batched, resumed, per_image = (_metrics(tmp_path / d) for d in ("a", "b", "loader"))
+    kw = {"workers": 2, "log_every": 1, "seed": 1, "device": "cpu"}  # bitwise resume is a CPU promise
+    pretrain(shards, cfg, tmp_path / "a", max_steps=9, views=views, **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=4, views=views, **kw)
+    pretrain(shards, cfg, tmp_path / "b", max_steps=9, views=views, **kw)
+    pretrain(shards, cfg, tmp_path / "per-image", max_steps=9, **kw)
+    batched, resumed, per_image = (_metrics(tmp_path / d) for d in ("a", "b", "per-image"))
     assert batched == resumed and len(batched) == 9
     assert [m["loss"] for m in batched] != [m["loss"] for m in per_image]
     assert all(np.isfinite(m["loss"]) for m in batched)
 
 
-def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path):
+@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
+def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views):
     """An image folder of gray and colour images of different sizes: the loader hands BatchViews
     a list (sslctl.data.collate_images) and the run trains."""
     from PIL import Image
@@ -243,9 +245,9 @@ def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path):
         Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(folder / f"{i:03d}.png")
     assert run_cli("shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--quiet").returncode == 0
     done = _run(_pretrain(tmp_path / "shards", tmp_path / "run", "--max-steps", "2", "--workers", "1",
-                          "--augment-on", "device", "--variant", "small", "--device", "cpu"))
+                          "--views", views, "--variant", "small", "--device", "cpu"))
     assert done.returncode == 0, done.stderr
-    assert "views made per batch on the cpu" in " ".join(done.stderr.split())
+    assert f"views {views}" in " ".join(done.stderr.split())
     assert len(_metrics(tmp_path / "run")) == 2
 
 
@@ -294,7 +296,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
         (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lr=fast"], "optim.lr"),
         (["SHARDS", "--recipe", "moco_v2", "--monitor", "val"], "has splits train, test"),
         (["SHARDS", "--recipe", "moco_v2", "--device", "tpu"], "--device"),
-        (["SHARDS", "--recipe", "moco_v2", "--augment-on", "gpu"], "expected loader or device"),
+        (["SHARDS", "--recipe", "moco_v2", "--views", "gpu"], "expected one of per-image, batch, batch-on-device"),
         (["SHARDS", "--recipe", "moco_v2", "--bogus-flag"], "--bogus-flag"),
     ],
 )

@@ -30,7 +30,7 @@ def command(
     monitor_every: int = typer.Option(1, "--monitor-every", help="Run the --monitor every N epochs."),
     amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, where it measured faster)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
-    augment_on: str = typer.Option("loader", "--augment-on", help="Where views are made: loader (per image, in the loader's workers), or device (the whole uint8 batch at once on the training device: faster for SimCLR on an H200, slower for MoCo v2 and BYOL, see docs/performance.md)."),
+    views: str = typer.Option("per-image", "--views", help="How the views are made: per-image (torchvision, in the loader's workers), batch (a whole uint8 batch at once, in the workers), batch-on-device (a whole batch on the training device, in the training process). Measured in docs/performance.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
@@ -75,7 +75,7 @@ def command(
         shards_path, cfg, out, device=device, resume=resume, seed=seed, workers=workers, compile=compile_,
         checkpoint_every=checkpoint_every, log_every=log_every, monitor_split=monitor, monitor_every=monitor_every,
         max_steps=max_steps, channels_last=channels_last, amp=amp, recipe_file=str(recipe_path(recipe)),
-        augment_on=augment_on,
+        views=views,
     )
     if distributed.is_main():  # under torchrun, one line from rank 0 only
         print(run_dir)
