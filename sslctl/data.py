@@ -37,7 +37,7 @@ from sslctl.errors import UserError
 from sslctl.shard import load_manifest, split_shards  # the manifest format lives with its writer
 from sslctl.sources import standard_mode
 
-__all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "decode", "decode_tensor"]
+__all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
 
 try:  # torchvision's C decoders: deprecated in 0.29 in favour of torchcodec, still the fastest here
     from torchvision.io import ImageReadMode, decode_image
@@ -269,7 +269,7 @@ class ShardDataset(IterableDataset):
                 continue  # consumed before the interruption: skipped before decoding
             image, label = decoder(sample, rgb=self.rgb)
             if self.transform is not None:
-                image = _seeded(self.transform, image, base + i, keep_rng=info is None)
+                image = seeded_call(self.transform, image, base + i, keep_rng=info is None)
             if self.return_key:
                 yield image, label, sample["__key__"]
             elif self.return_seed:
@@ -278,16 +278,18 @@ class ShardDataset(IterableDataset):
                 yield image, label
 
 
-def _seeded(transform: Callable, image, seed: int, keep_rng: bool):
-    """transform(image) with torch's RNG seeded by the sample's (seed, epoch, position), so the
-    augmentation is the same after a mid-epoch resume and in whichever worker draws it (exact
-    resume, sslctl/train.py). In the main process (workers=0) the training's RNG stream is kept."""
+def seeded_call(transform: Callable, x, seed: int, keep_rng: bool):
+    """transform(x) with torch's CPU generator seeded by `seed` (a sample's or a batch's (seed,
+    epoch, position)), so the augmentation is the same after a mid-epoch resume and in whichever
+    worker draws it (exact resume, sslctl/train.py). keep_rng (in the training process): the
+    training's random stream is put back afterwards. Only the CPU generator is seeded: every
+    augmentation draws there, and torch.manual_seed would also reseed the CUDA generators."""
     if not keep_rng:
-        torch.manual_seed(seed % 2**32)
-        return transform(image)
+        torch.default_generator.manual_seed(seed % 2**32)
+        return transform(x)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed % 2**32)
-        return transform(image)
+        torch.default_generator.manual_seed(seed % 2**32)
+        return transform(x)
 
 
 class ShardLoader:
@@ -390,9 +392,7 @@ class _TransformBatch:
 
     def __call__(self, batch: list[tuple[torch.Tensor, int, int]]):
         images, labels, _seeds = collate_images(batch)
-        with torch.random.fork_rng(devices=[]):  # the main process's stream stays as it was (workers=0)
-            torch.default_generator.manual_seed(batch[0][2] % 2**63)
-            return self.transform(images), labels
+        return seeded_call(self.transform, images, batch[0][2], keep_rng=get_worker_info() is None), labels
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

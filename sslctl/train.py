@@ -42,7 +42,7 @@ from sslctl import distributed as dist
 from sslctl.artifacts import atomic_write_text
 from sslctl.augment import build_views, eval_transform, normalization
 from sslctl.augment_batch import BatchViews
-from sslctl.data import default_workers, load_manifest, make_loader
+from sslctl.data import default_workers, load_manifest, make_loader, seeded_call
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, SslctlError, UserError
 from sslctl.methods import Method, Progress, build_method
@@ -476,11 +476,9 @@ class Engine:
             images = images.to(self.device, non_blocking=True)
         else:
             images = [im.to(self.device, non_blocking=True) for im in images]
-        # BatchViews draws every random number from the CPU generator: seed it alone (torch.manual_seed
-        # would reseed the CUDA generators the training uses) and put its state back afterwards
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{self.rank}:{index}".encode()))
-            return [v.contiguous(memory_format=self._memory_format(v)) for v in self.batch_views(images)]
+        seed = zlib.crc32(f"{self.seed}:{epoch}:{self.rank}:{index}".encode())
+        views = seeded_call(self.batch_views, images, seed, keep_rng=True)
+        return [v.contiguous(memory_format=self._memory_format(v)) for v in views]
 
     def _memory_format(self, v: torch.Tensor) -> torch.memory_format:
         return torch.channels_last if self.channels_last and v.ndim == 4 else torch.preserve_format
