@@ -108,9 +108,11 @@ class MoCo(QueryKeyMethod):
         """FIFO: write the global keys into columns [ptr, ptr + N) and advance the pointer."""
         n, size = keys_all.shape[0], self.queue.shape[1]
         assert size % n == 0, f"queue of {size} does not hold whole batches of {n} keys"
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr : ptr + n] = keys_all.T.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % size)
+        # The pointer stays on the device: reading it (int(ptr)) would make the host wait for the
+        # forward to finish before it could queue the backward, every step, on a GPU.
+        columns = self.queue_ptr + torch.arange(n, device=self.queue.device)
+        self.queue.index_copy_(1, columns, keys_all.T.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(size)
 
 
 METHOD = MoCo
