@@ -341,14 +341,16 @@ def make_loader(
 ) -> ShardLoader:
     """A DataLoader over one split; `batch_size` is per rank.
 
-    batch_transform (instead of transform): called once per batch in the loader's worker on
-    the batch's uint8 images (a B x C x H x W tensor, or a list when their shapes differ), with
-    torch's CPU RNG seeded by the batch's first sample; batches are (its output, labels).
+    batch_transform: called once per batch in the loader's worker on the batch's uint8 images
+    (a B x C x H x W tensor, or a list when their shapes differ), with torch's CPU RNG seeded by
+    the batch's first sample; batches are (its output, labels). With a transform as well, only
+    batches of small images of one shape go through it; the others go image by image through
+    the transform (`_BatchViews`).
 
     With drop_last every rank gets exactly len() = total // (batch_size * world_size) batches,
     so DDP ranks finish an epoch together. Call `.set_epoch(e)` before each epoch."""
     dataset = ShardDataset(
-        shards, split, transform=transform, shuffle_buffer=shuffle_buffer if shuffle else 0, seed=seed, rgb=rgb,
+        shards, split, transform=None if batch_transform else transform, shuffle_buffer=shuffle_buffer if shuffle else 0, seed=seed, rgb=rgb,
         output=output, rank=rank, world_size=world_size, batch_size=batch_size, drop_last=drop_last,
         return_seed=batch_transform is not None,
     )
@@ -368,7 +370,7 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_leave_signals_to_the_main_process,
-        collate_fn=(_TransformBatch(batch_transform) if batch_transform is not None
+        collate_fn=(_BatchViews(batch_transform, transform) if batch_transform is not None
                     else collate_images if transform is None and output == "tensor" else None),
     )
     return ShardLoader(dataset, loader, steps)
@@ -383,16 +385,35 @@ def collate_images(batch: list[tuple]) -> tuple:
     return (torch.stack(images) if same else images), *default_collate([item[1:] for item in batch])
 
 
-class _TransformBatch:
-    """collate_fn: a transform of the whole batch, seeded by its first sample's (seed, epoch,
-    position), so a batch's views do not depend on which worker makes them (exact resume)."""
+# Whole-batch views win on small images and lose on large ones: one CPU thread, MoCo v2's
+# views, batch / per-image images/s = 6.3x at 32 px, 2.1x at 64, 1.5x at 96, 1.1x at 128, 0.9x
+# at 160 (docs/performance.md). Larger images, or batches of mixed shapes, go image by image.
+BATCH_VIEWS_MAX_PIXELS = 128 * 128
 
-    def __init__(self, transform: Callable):
-        self.transform = transform
+
+class _BatchViews:
+    """collate_fn: the views of a whole batch in one call of `batch`, seeded by its first
+    sample's (seed, epoch, position), so a batch's views do not depend on which worker makes
+    them (exact resume). With `per_image` (--views auto), a batch of mixed shapes or of images
+    above BATCH_VIEWS_MAX_PIXELS goes image by image through it instead, each image seeded by
+    its own sample: the views --views per-image makes."""
+
+    def __init__(self, batch: Callable, per_image: Callable | None = None):
+        self.batch, self.per_image = batch, per_image
 
     def __call__(self, batch: list[tuple[torch.Tensor, int, int]]):
         images, labels, _seeds = collate_images(batch)
-        return seeded_call(self.transform, images, batch[0][2], keep_rng=get_worker_info() is None), labels
+        keep_rng = get_worker_info() is None
+        small = isinstance(images, torch.Tensor) and images.shape[-2] * images.shape[-1] <= BATCH_VIEWS_MAX_PIXELS
+        if self.per_image is None or small:
+            return seeded_call(self.batch, images, batch[0][2], keep_rng=keep_rng), labels
+        views = [seeded_call(self.per_image, _rgb(image), seed, keep_rng=keep_rng) for image, _, seed in batch]
+        return [torch.stack(view) for view in zip(*views)], labels
+
+
+def _rgb(image: torch.Tensor) -> torch.Tensor:
+    """A gray uint8 image as decode_tensor(rgb=True) gives it (the per-image path's input)."""
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

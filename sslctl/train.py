@@ -86,17 +86,19 @@ def default_amp(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-VIEW_MODES = ("per-image", "batch", "batch-on-device")
+VIEW_MODES = ("auto", "per-image", "batch", "batch-on-device")
 
 
 def check_views_mode(views: str) -> str:
     """How the training views are made (docs/performance.md):
-    per-image        torchvision v2, image by image, in the loader's workers (the default);
+    auto             (the default) in the loader's workers: a batch of one image shape, at most
+                     128 x 128 px, as `batch`; any other batch as `per-image`
+    per-image        torchvision v2, image by image, in the loader's workers;
     batch            sslctl/augment_batch.py's BatchViews on each whole uint8 batch, in the workers
-                     (2-core CPU, B1: 1.05-1.19x per-image's images/s);
-    batch-on-device  BatchViews on the training device, in the training process (on an H200, B1:
-                     faster than per-image for SimCLR, 9,544 vs 8,579 images/s, slower for MoCo v2,
-                     3,134 vs 7,104, and BYOL, 2,458 vs 4,378)."""
+                     (B1, 32 px: 1.05-1.19x per-image's images/s on the 2-core CPU, 1.15-1.54x on an
+                     H200, where per-image views starve the GPU);
+    batch-on-device  BatchViews on the training device, in the training process (H200, B1: slower
+                     than both for MoCo v2 and BYOL: 2,476 and 3,020 images/s)."""
     if views not in VIEW_MODES:
         raise UserError(f"--views {views}: expected one of {', '.join(VIEW_MODES)}")
     return views
@@ -214,7 +216,7 @@ class Engine:
         channels_last: bool | None,
         amp: bool | None,
         recipe_file: str | None,
-        views: str = "per-image",
+        views: str = "auto",
     ):
         if resume not in ("auto", "never"):
             raise UserError(f"--resume {resume}: expected auto or never")
@@ -267,15 +269,17 @@ class Engine:
         self.workers = default_workers(self.world) if workers is None else workers
         self.views = check_views_mode(views)
         self.batch_views = None  # set when the views are made on the device
+        per_image = build_views(cfg["augment"], self.mean, self.std)
         if self.views == "per-image":
-            self.loader = self._loader("train", build_views(cfg["augment"], self.mean, self.std), shuffle=True)
+            self.loader = self._loader("train", per_image, shuffle=True)
         else:  # the loader decodes; gray images stay 1 channel until BatchViews normalises them
             batch_views = BatchViews(cfg["augment"], self.mean, self.std)
-            if self.views == "batch":
-                self.loader = self._loader("train", None, shuffle=True, rgb=False, batch_transform=batch_views)
-            else:
+            if self.views == "batch-on-device":
                 self.batch_views = batch_views
                 self.loader = self._loader("train", None, shuffle=True, rgb=False)
+            else:
+                self.loader = self._loader("train", per_image if self.views == "auto" else None, shuffle=True,
+                                           rgb=False, batch_transform=batch_views)
         self.steps_per_epoch = len(self.loader)  # equal on every rank (make_loader drops the rest)
         self.epochs = int(cfg["schedule"]["epochs"])
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -309,7 +313,8 @@ class Engine:
             )
             if self.views != "per-image" and cfg["augment"].get("interpolation", "bilinear") != "bilinear":
                 console.log(f"augment.interpolation = {cfg['augment']['interpolation']}: batched views resize with "
-                            "area-averaged bilinear sampling (--views per-image follows the recipe's interpolation)")
+                            "area-averaged bilinear sampling (--views per-image follows the recipe's interpolation)"
+                            + ("; with --views auto, only batches of small images of one shape are batched" if self.views == "auto" else ""))
             if self._saved_step is not None:
                 console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 
@@ -693,7 +698,7 @@ def pretrain(
     channels_last: bool | None = None,
     amp: bool | None = None,
     recipe_file: str | None = None,
-    views: str = "per-image",
+    views: str = "auto",
 ) -> Path:
     """Pretrain the recipe `cfg` (resolved by sslctl.recipes.load_recipe) on the shards' train
     split; write RUN_DIR (recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl)

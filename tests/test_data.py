@@ -220,3 +220,34 @@ def test_tensor_and_pil_decoders_give_the_same_pixels(tmp_path, mini_idx):
                 assert torch.equal(tensor[0], torch.tensor(images[int(key.split("_")[0])]))
             n += 1
         assert n == 8 * 9
+
+
+def test_batch_views_collate_batches_small_images_and_goes_per_image_above_the_limit():
+    """--views auto's collate: a batch of one shape at most BATCH_VIEWS_MAX_PIXELS gets the
+    whole-batch views of its first sample's seed; larger or mixed images get each image's own
+    seeded per-image views (gray ones as 3 channels, as the per-image path decodes them)."""
+    from sslctl.augment import build_views
+    from sslctl.augment_batch import BatchViews
+    from sslctl.data import BATCH_VIEWS_MAX_PIXELS, _BatchViews, seeded_call
+    from sslctl.recipes import load_recipe
+
+    aug = load_recipe("simclr", variant="small", overrides=["augment.crop_size=16"])["augment"]
+    batch, per_image = BatchViews(aug, [0.5] * 3, [0.25] * 3), build_views(aug, [0.5] * 3, [0.25] * 3)
+    collate = _BatchViews(batch, per_image)
+    side = int(BATCH_VIEWS_MAX_PIXELS**0.5)
+    rng = torch.Generator().manual_seed(0)
+    for sizes in ([(side, side)] * 4, [(side + 8, side + 8)] * 4, [(20, 30), (30, 20), (20, 30), (28, 28)]):
+        items = [(torch.randint(0, 256, (1 + 2 * (i % 2), h, w), dtype=torch.uint8, generator=rng), i, 100 + i)
+                 for i, (h, w) in enumerate(sizes)]
+        if len(set(sizes)) == 1:
+            items = [(im[:1], *rest) for im, *rest in items]  # one shape: gray only
+        views, labels = collate(items)
+        assert labels.tolist() == [0, 1, 2, 3]
+        if sizes[0] == (side, side):
+            expected = seeded_call(batch, torch.stack([im for im, _, _ in items]), 100, keep_rng=True)
+        else:
+            singles = [seeded_call(per_image, im.expand(3, -1, -1).contiguous(), seed, keep_rng=True) for im, _, seed in items]
+            expected = [torch.stack(v) for v in zip(*singles)]
+        assert len(views) == len(expected) == 2
+        for got, want in zip(views, expected):
+            assert got.shape == (4, 3, 16, 16) and torch.equal(got, want), sizes

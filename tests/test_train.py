@@ -223,17 +223,15 @@ def test_batched_views_resume_exactly(shards, tmp_path, views):
     pretrain(shards, cfg, tmp_path / "a", max_steps=9, views=views, **kw)
     pretrain(shards, cfg, tmp_path / "b", max_steps=4, views=views, **kw)
     pretrain(shards, cfg, tmp_path / "b", max_steps=9, views=views, **kw)
-    pretrain(shards, cfg, tmp_path / "per-image", max_steps=9, **kw)
+    pretrain(shards, cfg, tmp_path / "per-image", max_steps=9, views="per-image", **kw)
     batched, resumed, per_image = (_metrics(tmp_path / d) for d in ("a", "b", "per-image"))
     assert batched == resumed and len(batched) == 9
     assert [m["loss"] for m in batched] != [m["loss"] for m in per_image]
     assert all(np.isfinite(m["loss"]) for m in batched)
 
 
-@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
-def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views):
-    """An image folder of gray and colour images of different sizes: the loader hands BatchViews
-    a list (sslctl.data.collate_images) and the run trains."""
+def _mixed_image_shards(tmp_path: Path) -> Path:
+    """Shards of an image folder of gray and colour PNGs of different sizes (20-47 px)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -244,6 +242,31 @@ def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode).save(folder / f"{i:03d}.png")
     assert run_cli("shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--quiet").returncode == 0
+    return tmp_path / "shards"
+
+
+def test_auto_views_are_batched_for_one_small_size_and_per_image_otherwise(shards, tmp_path):
+    """--views auto (the default): on 28 x 28 Fashion-MNIST the same run as --views batch, on
+    an image folder of mixed sizes and channels the same run as --views per-image, loss for loss."""
+    from sslctl.recipes import load_recipe
+    from sslctl.train import pretrain
+
+    cfg = load_recipe("moco_v2", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16",
+                                                              "method.queue_size=64", "method.bn_splits=2"])
+    kw = {"workers": 1, "log_every": 1, "seed": 1, "device": "cpu", "max_steps": 3}
+    mixed = _mixed_image_shards(tmp_path)
+    for data, twin in ((shards, "batch"), (mixed, "per-image")):
+        pretrain(data, cfg, tmp_path / f"auto-{twin}", **kw)
+        pretrain(data, cfg, tmp_path / twin, views=twin, **kw)
+        auto, other = _metrics(tmp_path / f"auto-{twin}"), _metrics(tmp_path / twin)
+        assert [m["loss"] for m in auto] == [m["loss"] for m in other] and len(auto) == 3, twin
+
+
+@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
+def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views):
+    """An image folder of gray and colour images of different sizes: the loader hands BatchViews
+    a list (sslctl.data.collate_images) and the run trains."""
+    _mixed_image_shards(tmp_path)
     done = _run(_pretrain(tmp_path / "shards", tmp_path / "run", "--max-steps", "2", "--workers", "1",
                           "--views", views, "--variant", "small", "--device", "cpu"))
     assert done.returncode == 0, done.stderr
@@ -296,7 +319,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
         (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lr=fast"], "optim.lr"),
         (["SHARDS", "--recipe", "moco_v2", "--monitor", "val"], "has splits train, test"),
         (["SHARDS", "--recipe", "moco_v2", "--device", "tpu"], "--device"),
-        (["SHARDS", "--recipe", "moco_v2", "--views", "gpu"], "expected one of per-image, batch, batch-on-device"),
+        (["SHARDS", "--recipe", "moco_v2", "--views", "gpu"], "expected one of auto, per-image, batch, batch-on-device"),
         (["SHARDS", "--recipe", "moco_v2", "--bogus-flag"], "--bogus-flag"),
     ],
 )

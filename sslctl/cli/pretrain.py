@@ -30,7 +30,7 @@ def command(
     monitor_every: int = typer.Option(1, "--monitor-every", help="Run the --monitor every N epochs."),
     amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, where it measured faster)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
-    views: str = typer.Option("per-image", "--views", help="How the views are made: per-image (torchvision, in the loader's workers), batch (a whole uint8 batch at once, in the workers), batch-on-device (a whole batch on the training device, in the training process). Measured in docs/performance.md."),
+    views: str = typer.Option("auto", "--views", help="How the views are made: per-image (torchvision, in the loader's workers), batch (a whole uint8 batch at once, in the workers), batch-on-device (a whole batch on the training device, in the training process), auto (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
     nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
