@@ -8,6 +8,12 @@ ImageNet-size recipe on 3 x 256 x 256 images) it times:
   batched cpu  sslctl.augment_batch.BatchViews on the uint8 batch, `--threads` torch threads,
   batched cuda the same on the GPU (when there is one), uint8 batch copied over first.
 Prints a markdown table of images/s (median of --repeats) on stdout. Numbers in docs/recipes.md.
+
+    python bench/augment_views.py --sizes 32,64,96,128,160
+
+instead times MoCo v2's small-variant views (crop min(size, 128)) on random square RGB batches
+of each size, batched vs per-sample on the CPU: where `pretrain --views auto` stops batching
+(sslctl.data.BATCH_VIEWS_MAX_PIXELS; numbers in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -54,8 +60,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--recipes", default="moco_v2,swav,byol")
+    ap.add_argument("--sizes", default="", help="comma list of square image sizes: the batched/per-sample crossover")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sizes:
+        return crossover([int(v) for v in args.sizes.split(",")], args)
     gray = fmnist(args.images)
     colour = torch.cat([gray, (gray.float() * 0.6).to(torch.uint8), (gray.float() * 0.3 + 40).to(torch.uint8)], 1)
     big = torch.randint(0, 256, (args.batch, 3, 256, 256), dtype=torch.uint8)
@@ -85,6 +94,21 @@ def main() -> None:
                 gpu = f"{1 / gpu_s:,.0f}"
             sizes = "+".join(str(v.shape[-1]) for v in per_sample(images[0]))
             print(f"| {name} ({cfg['recipe']['variant']}) | {label} | {sizes} | {1 / sample_s:,.0f} | {1 / cpu_s:,.0f} | {gpu} |", flush=True)
+
+
+def crossover(sizes: list[int], args) -> None:
+    print(f"torch {torch.__version__}, {args.threads} CPU thread(s), batch 64, MoCo v2 small-variant views")
+    print()
+    print("| image px | crop px | per-sample img/s | batched img/s | batched / per-sample |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        crop = min(size, 128)
+        aug = load_recipe("moco_v2", variant="small", overrides=[f"augment.crop_size={crop}"])["augment"]
+        per_sample, batched = build_views(aug, MEAN, STD), BatchViews(aug, MEAN, STD)
+        images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8)
+        sample_s = timed(lambda: [per_sample(x) for x in images], args.repeats) / len(images)
+        batch_s = timed(lambda: batched(images), args.repeats) / len(images)
+        print(f"| {size} | {crop} | {1 / sample_s:,.0f} | {1 / batch_s:,.0f} | {sample_s / batch_s:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

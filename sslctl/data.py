@@ -386,8 +386,9 @@ def collate_images(batch: list[tuple]) -> tuple:
 
 
 # Whole-batch views win on small images and lose on large ones: one CPU thread, MoCo v2's
-# views, batch / per-image images/s = 6.3x at 32 px, 2.1x at 64, 1.5x at 96, 1.1x at 128, 0.9x
-# at 160 (docs/performance.md). Larger images, or batches of mixed shapes, go image by image.
+# views, batch / per-image images/s = 4.9x at 32 px, 2.0x at 64, 1.2x at 96 and 128, 1.1x at
+# 160, 0.9x at 192, 0.8x at 256 (`python bench/augment_views.py --sizes ...`, quiet machine).
+# Larger images, or batches of mixed shapes, go image by image.
 BATCH_VIEWS_MAX_PIXELS = 128 * 128
 
 
