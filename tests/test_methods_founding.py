@@ -3,6 +3,7 @@ stem at 16 px, batch 8), built from the real recipes' small variants."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -325,6 +326,28 @@ def test_simclr_step_loss_at_init_and_gradient_reaches_the_encoder():
     out["loss"].backward()
     assert all(p.grad is not None for p in m.backbone.parameters())
     assert m.embed(views()[0], "projector").shape == (B, 128)
+
+
+def test_simclr_fused_views_share_bn_statistics_and_unfused_views_have_their_own():
+    """fused_views (default): one backbone batch of 2B, BN over both views; false: BN per view.
+    Same weights, train mode: the fused step equals a manual forward of cat(v1, v2), the unfused
+    one a manual forward of each view alone, and the two differ."""
+    from sslctl.losses.contrastive import nt_xent
+
+    torch.manual_seed(0)
+    fused = method("simclr")
+    split = method("simclr", "method.fused_views=false")
+    split.load_state_dict(fused.state_dict())
+    x1, x2 = views()
+    a, b = copy.deepcopy(fused), copy.deepcopy(fused)
+
+    def z(m, x):
+        return F.normalize(m.projector(m.backbone(x)), dim=1)
+
+    z1, z2 = z(a, torch.cat([x1, x2])).chunk(2)
+    torch.testing.assert_close(fused.training_step([x1, x2])["loss"], nt_xent(z1, z2, fused.temperature))
+    torch.testing.assert_close(split.training_step([x1, x2])["loss"], nt_xent(z(b, x1), z(b, x2), split.temperature))
+    assert not torch.allclose(nt_xent(z1, z2, fused.temperature), nt_xent(z(b, x1), z(b, x2), split.temperature))
 
 
 # ---- BYOL -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """SimCLR (Chen et al. 2020; v2: Chen et al. 2020b). METHODS.md §2; recipes/simclr.toml.
 
-    h = f(v1 ; v2)   both views in ONE backbone batch, so BN sees 2B images (as tf2/run.py)
+    h = f(v1 ; v2)   both views in ONE backbone batch, so BN sees 2B images (as tf2/run.py);
+                     method.fused_views = false: f(v1), f(v2), BN per view (as lightly's example)
     z = normalise(g(h))   g = [head] projector: SimCLR's ProjectionHead, Linear-BN-ReLU per
                           middle layer, last Linear without bias followed by BN without shift
     loss = NT-Xent(z1, z2, t) with the other 2N-1 views of the GLOBAL batch as candidates,
@@ -40,12 +41,16 @@ class SimCLR(Method):
         self.gather = bool(cfg["method"]["gather"])
         self.backbone = build_encoder(cfg["encoder"])
         self.projector = from_config(self.backbone.feature_dim, cfg["head"])
+        self.fused_views = bool(cfg["method"]["fused_views"])
         sync = bool(cfg["method"]["sync_bn"])
         self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views
-        z1, z2 = F.normalize(self.projector(self.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
+        if self.fused_views:
+            z1, z2 = F.normalize(self.projector(self.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
+        else:
+            z1, z2 = (F.normalize(self.projector(self.backbone(x)), dim=1) for x in (x1, x2))
         if self.gather:
             loss = nt_xent(z1, z2, self.temperature, z1_all=dist.gather_with_grad(z1),
                            z2_all=dist.gather_with_grad(z2), rank=dist.rank())
