@@ -339,15 +339,15 @@ def test_simclr_fused_views_share_bn_statistics_and_unfused_views_have_their_own
     split = method("simclr", "method.fused_views=false")
     split.load_state_dict(fused.state_dict())
     x1, x2 = views()
-    a, b = copy.deepcopy(fused), copy.deepcopy(fused)
+    ref = copy.deepcopy(fused)  # train mode: BN normalises with the batch's own statistics
 
-    def z(m, x):
-        return F.normalize(m.projector(m.backbone(x)), dim=1)
+    def z(x):
+        return F.normalize(ref.projector(ref.backbone(x)), dim=1)
 
-    z1, z2 = z(a, torch.cat([x1, x2])).chunk(2)
-    torch.testing.assert_close(fused.training_step([x1, x2])["loss"], nt_xent(z1, z2, fused.temperature))
-    torch.testing.assert_close(split.training_step([x1, x2])["loss"], nt_xent(z(b, x1), z(b, x2), split.temperature))
-    assert not torch.allclose(nt_xent(z1, z2, fused.temperature), nt_xent(z(b, x1), z(b, x2), split.temperature))
+    together, apart = nt_xent(*z(torch.cat([x1, x2])).chunk(2), fused.temperature), nt_xent(z(x1), z(x2), fused.temperature)
+    torch.testing.assert_close(fused.training_step([x1, x2])["loss"], together)
+    torch.testing.assert_close(split.training_step([x1, x2])["loss"], apart)
+    assert not torch.allclose(together, apart)
 
 
 # ---- BYOL -----------------------------------------------------------------------------------
