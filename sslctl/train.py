@@ -269,7 +269,7 @@ class Engine:
         self.workers = default_workers(self.world) if workers is None else workers
         self.views = check_views_mode(views)
         self.batch_views = None  # set when the views are made on the device
-        per_image = build_views(cfg["augment"], self.mean, self.std)
+        per_image = build_views(cfg["augment"], self.mean, self.std) if self.views in ("auto", "per-image") else None
         if self.views == "per-image":
             self.loader = self._loader("train", per_image, shuffle=True)
         else:  # the loader decodes; gray images stay 1 channel until BatchViews normalises them
@@ -278,8 +278,7 @@ class Engine:
                 self.batch_views = batch_views
                 self.loader = self._loader("train", None, shuffle=True, rgb=False)
             else:
-                self.loader = self._loader("train", per_image if self.views == "auto" else None, shuffle=True,
-                                           rgb=False, batch_transform=batch_views)
+                self.loader = self._loader("train", per_image, shuffle=True, rgb=False, batch_transform=batch_views)
         self.steps_per_epoch = len(self.loader)  # equal on every rank (make_loader drops the rest)
         self.epochs = int(cfg["schedule"]["epochs"])
         self.total_steps = self.epochs * self.steps_per_epoch
