@@ -87,14 +87,30 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 # ---------------------------------------------------------------- recipe comparison
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted key (sorted order) where two parsed recipes differ, with both values."""
+# Recipe keys added after runs had been saved without them, each with the behaviour the code had
+# before the key existed. A run saved without such a key resumes when the recipe given now keeps
+# that behaviour; with the other value it is a different recipe and is refused. A new recipe key
+# whose default is not the old behaviour must be listed here.
+ADDED_KEYS: dict[str, Any] = {
+    "method.fused_views": True,  # SimCLR (v1, v2), 2026-11-26: both views were always one batch
+    "method.sync_bn": False,  # SwAV, 2026-11-25: BN was per process before
+}
+
+
+def first_difference(a: Any, b: Any, prefix: str = "", implied: dict[str, Any] | None = None) -> tuple[str, Any, Any] | None:
+    """The first dotted key (sorted order) where two parsed recipes differ, with both values. A key
+    absent from `a` (the saved recipe) counts as `implied[key]` when `implied` lists it."""
+    implied = implied or {}
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             dotted = f"{prefix}.{key}" if prefix else key
+            if key not in a and key in b and dotted in implied:
+                if b[key] == implied[dotted]:
+                    continue
+                return dotted, f"<absent: {implied[dotted]!r} before the key existed>", b[key]
             if key not in a or key not in b:
                 return dotted, a.get(key, "<absent>"), b.get(key, "<absent>")
-            found = first_difference(a[key], b[key], dotted)
+            found = first_difference(a[key], b[key], dotted, implied)
             if found:
                 return found
         return None
@@ -103,7 +119,7 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
 
 def check_same_recipe(saved_text: str, current_text: str, saved_file: Path, current_file: str) -> None:
     """UserError (exit 2) naming both recipe files and the first differing key."""
-    diff = first_difference(tomllib.loads(saved_text), tomllib.loads(current_text))
+    diff = first_difference(tomllib.loads(saved_text), tomllib.loads(current_text), implied=ADDED_KEYS)
     if diff is None:
         return
     key, was, now = diff

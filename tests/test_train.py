@@ -430,6 +430,35 @@ def test_first_difference_names_the_first_differing_dotted_key():
     assert ckpt.first_difference(a, {**a, "optim": {"lr": 0.2, "momentum": 0.9}}) == ("optim.lr", 0.1, 0.2)
     assert ckpt.first_difference(a, {**a, "schedule": {}}) == ("schedule.epochs", 10, "<absent>")
 
+    # a key added later: absent from the saved recipe counts as the behaviour before it existed
+    implied = {"method.fused_views": True}
+    saved, now = {"method": {"t": 0.5}}, {"method": {"t": 0.5, "fused_views": True}}
+    assert ckpt.first_difference(saved, now, implied=implied) is None
+    key, was, value = ckpt.first_difference(saved, {"method": {"t": 0.5, "fused_views": False}}, implied=implied)
+    assert key == "method.fused_views" and "True" in was and value is False
+    assert ckpt.first_difference(saved, now) == ("method.fused_views", "<absent>", True)  # unlisted: refused
+
+
+def test_a_run_saved_before_a_recipe_key_existed_resumes_with_its_old_behaviour(shards, tmp_path, capsys):
+    """A SimCLR run whose checkpoint predates `method.fused_views` (its saved recipe lacks the key)
+    resumes with today's default (true: both views were always one batch) and is refused with false."""
+    out = tmp_path / "run"
+    args = ["pretrain", str(shards), "--recipe", "simclr", "--out", str(out), "--batch-size", "16",
+            "--set", "augment.crop_size=16", "--workers", "0", "--quiet"]
+    code, _, stderr = _cli(capsys, *args, "--max-steps", "2")
+    assert code == 0, stderr
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    old = "\n".join(line for line in state["recipe"].splitlines() if not line.startswith("fused_views"))
+    assert old != state["recipe"] and "fused_views" not in old
+    ckpt.save(path, {**state, "recipe": old})
+
+    code, _, stderr = _cli(capsys, *args, "--max-steps", "3", "--set", "method.fused_views=false")
+    assert code == 2 and "'method.fused_views'" in stderr and "before the key existed" in stderr
+    code, stdout, stderr = _cli(capsys, *args, "--max-steps", "3")
+    assert code == 0 and stdout == f"{out}\n", stderr
+    assert torch.load(path, weights_only=True)["step"] == 3
+
 
 def test_truncate_metrics_drops_lines_past_the_step_and_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
