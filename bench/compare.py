@@ -74,12 +74,14 @@ _COMMON = [
 #  - heads: lightly's last projector/predictor Linear has a bias and SimCLR's no final BN.
 #  - views: lightly's ColorJitter brightness is multiplicative; its crop interpolation bilinear.
 #  - MoCo/AdCo: lightly's example has no shuffle-BN (one process, plain BN in both encoders).
+#  - SimCLR: lightly's example runs a forward per view (BN statistics per view); sslctl's recipe
+#    puts both views through the backbone as one batch (the TF code), so the parity run unfuses.
 SSLCTL_OVERRIDES = {
     "moco_v2": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.shuffle_bn=false"],
     "adco": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.shuffle_bn=false"],
     "simclr": _COMMON + [
         "optim.lr=0.03", "optim.weight_decay=1e-3", "optim.exclude_bn_bias=false",
-        "head.projector_last_bias=true", "head.projector_last_norm=false",
+        "head.projector_last_bias=true", "head.projector_last_norm=false", "method.fused_views=false",
         "augment.jitter_brightness=multiplicative", "augment.interpolation=bilinear",
     ],
     "byol": _COMMON + [
