@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     the gaps at the end, instead of one worker finishing a long run alone while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (subprocesses, loader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Record each test's CPU seconds: with two workers sharing two cores, a test's wall time
+    (--durations) says how long it waited as much as what it cost; the suite's length is CPU."""
+    start = _cpu_seconds()
+    yield
+    item.user_properties.append(("cpu_s", _cpu_seconds() - start))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The 15 tests that cost the most CPU (call phase), beside --durations' wall times."""
+    costs = [(dict(r.user_properties)["cpu_s"], r.nodeid) for reports in terminalreporter.stats.values() for r in reports
+             if getattr(r, "when", None) == "call" and "cpu_s" in dict(getattr(r, "user_properties", ()))]
+    if not costs:
+        return
+    costs.sort(reverse=True)
+    terminalreporter.write_sep("=", f"most CPU (call phase; all {len(costs)} tests: {sum(c for c, _ in costs):.0f} s)")
+    for cpu, nodeid in costs[:15]:
+        terminalreporter.write_line(f"{cpu:8.2f}s cpu  {nodeid}")
 
 @pytest.fixture
 def one_thread():
