@@ -33,7 +33,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-
 def _cpu_seconds() -> float:
     """CPU time of this process and of its finished children (subprocesses, loader workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,14 +50,19 @@ def pytest_runtest_call(item: pytest.Item):
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The 15 tests that cost the most CPU (call phase), beside --durations' wall times."""
-    costs = [(dict(r.user_properties)["cpu_s"], r.nodeid) for reports in terminalreporter.stats.values() for r in reports
-             if getattr(r, "when", None) == "call" and "cpu_s" in dict(getattr(r, "user_properties", ()))]
+    costs = []
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            cpu = dict(getattr(r, "user_properties", ())).get("cpu_s")
+            if getattr(r, "when", None) == "call" and cpu is not None:
+                costs.append((cpu, r.nodeid))
     if not costs:
         return
     costs.sort(reverse=True)
     terminalreporter.write_sep("=", f"most CPU (call phase; all {len(costs)} tests: {sum(c for c, _ in costs):.0f} s)")
     for cpu, nodeid in costs[:15]:
         terminalreporter.write_line(f"{cpu:8.2f}s cpu  {nodeid}")
+
 
 @pytest.fixture
 def one_thread():
