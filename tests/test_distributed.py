@@ -53,12 +53,16 @@ METHODS = {
              "head.projector_hidden=[64]", "optim.lr=0.3"],
 }
 FROZEN_BN = {"moco_v2", "adco"}  # see the module docstring
-# Allowed difference of the weight updates, as a fraction of the largest update of each tensor. A
-# semantic difference (no gather, per-rank BN, a local positive index) moves updates by O(1).
-# SwAV at initialisation is ill-conditioned: its scores are near uniform, so the gradient is a
-# difference of near-equal softmaxes, normalised by LARS; merely permuting the batch in ONE
-# process moves its updates by ~1% of the largest. The others stay within ~0.1%.
-UPDATE_TOLERANCE = {"swav": 3e-2}
+# Allowed difference of the weight updates: the L2 norm of (2-rank update - 1-rank update) as a
+# fraction of the 1-rank update's norm, per tensor. A semantic difference moves updates by O(1):
+# SimCLR without the gather differs by 0.34 in the median tensor (test below). Float summation
+# order differs (per-rank partial sums, and the convolution kernels oneDNN picks for B vs 2B
+# images), and a few elements of an update at initialisation are ill-conditioned: on an Intel
+# Xeon (AMX) the largest single element differed by up to 7% of the tensor's largest (SwAV) and
+# even one process changed SimCLR's by 23% when only the convolution backend changed (mkldnn on /
+# off), so elementwise comparison fails on some CPUs. In norm the 2 ranks stayed within 0.9%
+# (SwAV), 0.5% (SimCLR) and below 0.1% (MoCo v2, AdCo, BYOL) on that CPU.
+UPDATE_TOLERANCE = 3e-2
 PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (METHODS.md §4f), its shape depends on W
 
 
@@ -147,6 +151,12 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     }
 
 
+def _update_error(run: dict, reference: dict, key: str) -> float:
+    """|update - reference update| / |reference update| in L2 norm, for one tensor of the state."""
+    update, expected = run["after"][key] - run["before"][key], reference["after"][key] - reference["before"][key]
+    return ((update - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
 def _bn_rank_check(rank: int) -> dict:
     """GlooSyncBatchNorm on this rank's half: output, gradients (averaged as DDP does) and running
     statistics, compared with BatchNorm on the whole batch in the test."""
@@ -221,11 +231,8 @@ def test_one_step_on_2_ranks_equals_one_step_on_1_rank_with_the_global_batch(nam
         assert torch.equal(ranks[0]["after"][key], ranks[1]["after"][key]), key
         # ... and equal to one process's: compared as updates, which are small next to the weights.
         # Float summation order differs (per-rank partial sums): see UPDATE_TOLERANCE.
-        update2, update1 = ranks[0]["after"][key] - ranks[0]["before"][key], value - one["before"][key]
-        scale = update1.abs().max().item()
-        tol = UPDATE_TOLERANCE.get(name, 5e-3)
-        torch.testing.assert_close(update2, update1, rtol=2 * tol, atol=tol * scale + 1e-7, msg=key)
-        moved += scale > 0
+        assert _update_error(ranks[0], one, key) <= UPDATE_TOLERANCE, key
+        moved += bool(torch.any(value != one["before"][key]))
     assert moved > 10  # the step did change the network (not a vacuous comparison)
 
 
@@ -243,8 +250,11 @@ def test_queue_and_bank_hold_the_global_keys_identically_on_both_ranks(two_ranks
 def test_simclr_without_the_gather_is_a_different_objective(two_ranks, one_rank):
     """The control: the comparison above can fail. With method.gather=false each rank contrasts
     its own 2B views only, so the loss is not the global batch's."""
-    losses, one = two_ranks[0]["simclr_no_gather"]["losses"], one_rank["simclr"]["losses"]
-    assert abs(losses[0] - one[0]) > 0.1
+    ng, one = two_ranks[0]["simclr_no_gather"], one_rank["simclr"]
+    assert abs(ng["losses"][0] - one["losses"][0]) > 0.1
+    # ... and the updates: most tensors off by far more than UPDATE_TOLERANCE (measured: median 0.34)
+    errors = sorted(_update_error(ng, one, key) for key, value in one["after"].items() if value.is_floating_point())
+    assert errors[len(errors) // 2] > 5 * UPDATE_TOLERANCE, errors
 
 
 def test_swav_state_of_2_ranks_loads_into_1_with_an_empty_queue(two_ranks, capsys):
