@@ -207,7 +207,7 @@ class Engine:
         resume: str,
         seed: int,
         workers: int | None,
-        compile: bool,
+        compile: bool | str,
         checkpoint_every: int,
         log_every: int,
         monitor_split: str | None,
@@ -342,8 +342,9 @@ class Engine:
         """The callable that runs training_step: DDP over the whole Method when distributed."""
         if self.compile:
             # In place (nn.Module.compile), so state_dict keys and the encoder export are unchanged.
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
             for child in self.method.children():
-                child.compile()
+                child.compile(backend=backend)
         if self.world == 1:
             return self.method.training_step
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -688,7 +689,7 @@ def pretrain(
     resume: str = "auto",
     seed: int = 0,
     workers: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     checkpoint_every: int = CHECKPOINT_EVERY,
     log_every: int = LOG_EVERY,
     monitor_split: str | None = None,
@@ -705,7 +706,9 @@ def pretrain(
 
     resume: "auto" continues from RUN_DIR/checkpoints/last.pt when present (refusing a different
     recipe), "never" refuses an existing run. max_steps stops early without changing the lr
-    schedule (which always spans the recipe's epochs). amp / channels_last: None = measured
+    schedule (which always spans the recipe's epochs). compile: True = torch.compile with Inductor,
+    or a torch.compile backend's name ("aot_eager": the same graphs without code generation).
+    amp / channels_last: None = measured
     default for the device. recipe_file names the recipe in error messages. views: how the
     training views are made, see `check_views_mode`.
     Raises UserError (exit 2), RunError (exit 1: NaN loss), Interrupted (exit 143 / 130)."""

@@ -1,16 +1,26 @@
-"""`sslctl pretrain --compile` (slow: two short real runs and Inductor's compilation of ResNet-18's
-forward and backward: 28 s on this 2-core CPU with Inductor's kernel cache warm, 10 minutes cold
-with three other test processes on the machine). Engine._wrap compiles each child of the Method in place (nn.Module.compile), so a
-compiled run must compute the same training steps as an eager one and write the same artifacts.
+"""`sslctl pretrain --compile` (slow: two short real runs and the compilation of ResNet-18's
+forward and backward). Engine._wrap compiles each child of the Method in place
+(nn.Module.compile), so a compiled run must compute the same training steps as an eager one and
+write the same artifacts.
 
 What compiling could silently break, and what catches it here:
-- the arithmetic (a wrong fusion, a dropped in-place update of BN statistics or of the key
-  encoder's parameters, a stale guard on parameters that `momentum_update` changes in place):
-  the per-step losses must match eager's, BN must have counted the same statistics updates, and
-  the exported encoder must compute the same features (eval mode: the running statistics count);
+- the arithmetic (a dropped in-place update of BN statistics or of the key encoder's parameters,
+  a stale guard on parameters that `momentum_update` changes in place; with Inductor also a wrong
+  fusion): the per-step losses must match eager's, BN must have counted the same statistics
+  updates, and the exported encoder must compute the same features (eval mode: the running
+  statistics count);
 - the names (a compiled wrapper stores its module as `_orig_mod.*`): the encoder export must
   load with strict=True into the torchvision model, and the checkpoint must hold eager's keys so
   either kind of run can resume the other.
+
+Two backends. `aot_eager` (always run): Dynamo's capture, its guards and AOTAutograd's
+functionalised forward and backward (where in-place updates of buffers and parameters are kept or
+lost), the same for every backend; 54 CPU-s. `inductor` (`--compile`'s backend) adds code
+generation, which is PyTorch's to get right, and costs far more on a fresh machine: cold, 505
+CPU-s (6.5 minutes) alone on this session's 2-core Intel Xeon, ~250 of them Inductor's Python
+lowering and ~230 g++ building 59 kernels, and in the whole suite its two g++ processes slowed the
+other test worker too (2026-11-26; 28 s with Inductor's cache warm). So it runs only with
+SSLCTL_TEST_INDUCTOR=1 (passed on that machine that day) and otherwise shows as skipped.
 
 MoCo v2 covers the most: a momentum key encoder (a child whose parameters are updated outside
 the compiled graph), split BN, a queue. fp32 (bf16 and channels_last off), so that the only
@@ -19,6 +29,8 @@ reductions): see the tolerances below.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -39,7 +51,7 @@ OVERRIDES = ["optim.batch_size=16", "method.queue_size=64", "augment.crop_size=2
 #                                  per-step loss   encoder features' change (see below)
 #   eager, 2 threads instead of 1      5.8e-6            2.2e-4
 #   eager, channels_last               2.9e-5            3.5e-4
-#   compiled                           6.9e-6            2.1e-4
+#   compiled (Inductor)                6.9e-6            2.1e-4
 #   eager, one step fewer (a defect)     -               1.3e-1
 # (Weights compared one by one are no use: the BN-normalised gradients of 4 small steps cancel
 # so much that any two summation orders move the weights 3-6% differently, with the same features.)
@@ -57,17 +69,28 @@ def compile_unavailable() -> str | None:
     return None
 
 
-def test_compiled_run_matches_eager_and_exports_the_same_encoder(mini_shards, tmp_path, one_thread):
-    reason = compile_unavailable()
-    if reason:
+INDUCTOR = pytest.mark.skipif(
+    os.environ.get("SSLCTL_TEST_INDUCTOR") != "1",
+    reason="Inductor's cold compile of ResNet-18 costs ~8 CPU-minutes on a 2-core CPU: SSLCTL_TEST_INDUCTOR=1 runs it",
+)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)])
+def test_compiled_run_matches_eager_and_exports_the_same_encoder(backend, mini_shards, tmp_path, one_thread):
+    if backend == "inductor" and (reason := compile_unavailable()):
         pytest.skip(reason)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     cfg = load_recipe("moco_v2", variant="small", overrides=OVERRIDES)
     runs = {
-        mode: pretrain(mini_shards, cfg, tmp_path / mode, device="cpu", seed=0, workers=0, compile=mode == "compiled",
+        mode: pretrain(mini_shards, cfg, tmp_path / mode, device="cpu", seed=0, workers=0,
+                       compile=backend if mode == "compiled" else False,
                        max_steps=STEPS, log_every=1, amp=False, channels_last=False)
         for mode in ("eager", "compiled")
     }
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(f"{backend}: {graphs} graphs captured")
+    assert graphs >= 3  # backbone, projector and key encoder ran as compiled graphs, not eagerly
 
     rows = {mode: [r for r in metrics(run) if "loss" in r] for mode, run in runs.items()}
     assert len(rows["compiled"]) == len(rows["eager"]) == STEPS
