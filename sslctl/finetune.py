@@ -43,7 +43,7 @@ from sslctl.shard import FORMAT as SHARDS_FORMAT
 from sslctl.shard import MANIFEST, VERSION as SHARDS_VERSION
 from sslctl.shard import _ShardWriter  # the shard stage's deterministic tar writer
 from sslctl.encoder_io import read_metadata
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.methods.base import Method
@@ -211,7 +211,7 @@ class FineTune(Method):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         enc, method = cfg["encoder"], cfg["method"]
-        self.backbone = build_backbone(enc["name"], small_stem=enc.get("small_stem", False))
+        self.backbone = build_encoder(enc)
         layers = int(method["head_layers"])
         self.projector = head_prefix(from_config(self.backbone.feature_dim, cfg["head"]), layers) if layers else nn.Sequential()
         self.classifier = nn.Linear(out_features(self.backbone, self.projector), int(method["num_classes"]))
