@@ -1,10 +1,13 @@
 """Optimisers and schedules from a recipe's [optim] and [schedule] (METHODS.md §0.4, §0.5).
 
 - `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam.
-  `exclude_bn_bias` keeps 1-D parameters (BN weights/biases, biases) out of weight decay, and for
-  LARS out of the trust-ratio adaptation too (default: on for LARS, off for SGD / Adam).
+  `exclude_bn_bias` keeps 1-D parameters (norm weights/biases, biases) and the ones a model names
+  in `no_weight_decay()` (timm ViTs: pos_embed, cls_token) out of weight decay, and for LARS out
+  of the trust-ratio adaptation too (default: on for LARS, off for SGD / Adam).
 - `lr_at`: the lr of one step: linear warmup, then cosine (per step or per epoch), step decay at
   milestones, or constant. The loop writes it into every param group before `optimizer.step()`.
+- `weight_decay_at`: DINO's cosine weight-decay schedule (`optim.weight_decay_end`); the loop
+  writes it into the first (decayed) param group.
 - `cosine_tau`: BYOL's momentum schedule, tau rising from tau_base to 1.
 """
 
@@ -26,10 +29,13 @@ class LARS(torch.optim.Optimizer):
         trust = eta * |w| / |g|  (1 if a norm is 0, or if the group is excluded from adaptation)
         m <- momentum * m + lr * trust * g     (the lr sits inside the momentum buffer)
         w <- w - m
+    With `clip` (apex LARC's clip mode, solo-learn's clip_lr) the step size is min(lr, trust)
+    instead of lr * trust: the trust ratio replaces the lr where it is smaller.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001, adapt: bool = True):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=adapt)
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 adapt: bool = True, clip: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=adapt, clip=clip)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -52,7 +58,8 @@ class LARS(torch.optim.Optimizer):
                 w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
                 # stays on the device: no GPU->CPU sync per parameter
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                updates = torch._foreach_mul(grads, list((trust * group["lr"]).unbind()))
+                step = trust.clamp(max=group["lr"]) if group.get("clip") else trust * group["lr"]
+                updates = torch._foreach_mul(grads, list(step.unbind()))
             else:
                 updates = torch._foreach_mul(grads, group["lr"])
             bufs = []
@@ -76,21 +83,35 @@ def _named(params) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in items if p.requires_grad]
 
 
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Dotted names of the parameters a model asks to keep out of weight decay: timm models'
+    `no_weight_decay()` (a ViT's pos_embed, cls_token), found on any submodule."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        if callable(getattr(sub, "no_weight_decay", None)):
+            names |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
+    return names
+
+
 def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
     """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`.
 
-    Parameters are split in two groups: 1-D tensors (BN weights and biases, all biases) and the
-    rest. With `exclude_bn_bias` the 1-D group gets no weight decay (and, for LARS, no trust ratio).
-    Each group's "lr" is then overwritten every step by the loop with `lr_at(...)`."""
+    Parameters are split in two groups: 1-D tensors (norm weights and biases, all biases) plus
+    the model's `no_weight_decay_names`, and the rest. With `exclude_bn_bias` the first group
+    gets no weight decay (and, for LARS, no trust ratio). Each group's "lr" is then overwritten
+    every step by the loop with `lr_at(...)`, the decayed group's weight decay with
+    `weight_decay_at(...)`."""
     name = optim_cfg.get("name", "sgd")
     wd = float(optim_cfg.get("weight_decay", 0.0))
     exclude = bool(optim_cfg.get("exclude_bn_bias", name == "lars"))
     named = _named(method_or_named_params)
     if not named:
         raise UserError("the optimiser has no trainable parameters (every parameter has requires_grad=False)")
-    decay = [p for _, p in named if not (exclude and p.ndim <= 1)]
-    no_decay = [p for _, p in named if exclude and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": wd}]
+    skip = no_weight_decay_names(method_or_named_params) if isinstance(method_or_named_params, nn.Module) else set()
+    excluded = {n for n, p in named if exclude and (p.ndim <= 1 or n in skip)}
+    decay = [p for n, p in named if n not in excluded]
+    no_decay = [p for n, p in named if n in excluded]
+    groups = [{"params": decay, "weight_decay": wd}]  # first: the loop schedules its weight decay
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "adapt": False})
     momentum = float(optim_cfg.get("momentum", 0.9))
@@ -99,7 +120,8 @@ def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dic
             g.pop("adapt", None)
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)))
+        return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)),
+                    clip=bool(optim_cfg.get("clip_lr", False)))
     if name in ("adamw", "adam"):
         for g in groups:
             g.pop("adapt", None)
@@ -153,6 +175,17 @@ def lr_at(step: int, steps_per_epoch: int, schedule_cfg: dict, peak_lr: float) -
         t = min(max(t, 0.0), 1.0)
         return final + (peak_lr - final) * 0.5 * (1.0 + math.cos(math.pi * t))
     raise UserError(f"schedule.lr_schedule = '{kind}' must be one of cosine, step, constant")
+
+
+def weight_decay_at(step: int, total_steps: int, optim_cfg: dict) -> float:
+    """The decayed group's weight decay at global step `step`: `weight_decay` throughout, or with
+    `weight_decay_end` a per-step cosine from `weight_decay` at step 0 to `weight_decay_end` at
+    the last step (DINO's utils.cosine_scheduler, no warmup)."""
+    start = float(optim_cfg.get("weight_decay", 0.0))
+    if "weight_decay_end" not in optim_cfg:
+        return start
+    end, t = float(optim_cfg["weight_decay_end"]), min(max(step, 0), total_steps) / max(1, total_steps)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def cosine_tau(base_tau: float, step: int, total_steps: int) -> float:

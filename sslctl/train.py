@@ -46,7 +46,7 @@ from sslctl.data import default_workers, load_manifest, make_loader, seeded_call
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, SslctlError, UserError
 from sslctl.methods import Method, Progress, build_method
-from sslctl.optim import build_optimizer, lr_at
+from sslctl.optim import build_optimizer, lr_at, weight_decay_at
 from sslctl.recipes import recipe_to_toml, scaled_lr
 
 CHECKPOINT_EVERY = 500  # steps; also at every epoch end
@@ -579,6 +579,8 @@ class Engine:
         lr = self._lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if "weight_decay_end" in self.cfg["optim"]:  # DINO's cosine weight decay, of the decayed (first) group
+            self.optimizer.param_groups[0]["weight_decay"] = weight_decay_at(self.step, self.total_steps, self.cfg["optim"])
         self.method.before_forward(progress)
         with self._autocast():
             out = self.step_fn(views)
