@@ -122,13 +122,20 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def check_crop_sizes(model: nn.Module, sizes: set[int]) -> None:
-    """Refuse crops of several sizes (multi-crop) for a ViT that takes one input size."""
+def build_multi_crop_encoder(section: dict, sizes: set[int]) -> nn.Module:
+    """`build_encoder` for crops of the given sizes (SwAV's, DINO's multi-crop). A timm ViT is built
+    with dynamic_img_size = true when the crops have several sizes and the recipe does not say
+    (its position embedding interpolated per input size, as DINO's own ViT does); a ViT that takes
+    one size only is refused."""
+    model = build_encoder(section)
+    if len(sizes) > 1 and fixed_input_size(model) is not None and is_timm(section["name"]) and "dynamic_img_size" not in section:
+        model = build_encoder({**section, "dynamic_img_size": True})
     fixed = fixed_input_size(model)
     if fixed is not None and {(s, s) for s in sizes} != {fixed}:
         raise UserError(f"encoder {model.arch} takes {fixed[0]}x{fixed[1]} images only, the recipe's crops are "
                         f"{', '.join(map(str, sorted(sizes)))} px: set --set encoder.dynamic_img_size=true (timm ViTs "
                         "interpolate their position embedding per input size) or match encoder.img_size to the crops")
+    return model
 
 
 def _check_input_size(model: nn.Module, args: tuple) -> None:

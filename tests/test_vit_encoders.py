@@ -128,7 +128,7 @@ VIT_SET = [f"encoder.name={VIT}", "encoder.img_size=16", "encoder.patch_size=4",
            "encoder.small_stem=false", "augment.crop_size=16", "optim.batch_size=8"]
 SMALL = {  # keep the methods' own buffers small
     "moco_v1": ["method.queue_size=32"], "moco_v2": ["method.queue_size=32"], "adco": ["method.bank_size=32"],
-    "swav": ["head.prototypes=16", "method.queue_size=0", "augment.extra_crop_size=8", "encoder.dynamic_img_size=true"],
+    "swav": ["head.prototypes=16", "method.queue_size=0", "augment.extra_crop_size=8"],
     "dino": ["head.prototypes=64"],
 }
 ACCEPT = ["adco", "byol", "dino", "moco_v1", "moco_v2", "mocov3", "simclr", "simclr_v2", "swav"]
@@ -168,6 +168,16 @@ def test_local_feature_methods_refuse_a_torchvision_vit_too():
     with pytest.raises(UserError, match="has no feature map 'last'"):
         build_method(load_recipe("yadim", variant="small", overrides=["encoder.name=vit_b_32", "encoder.image_size=32",
                                                                         "encoder.small_stem=false"]))
+
+
+def test_multi_crop_builds_a_timm_vit_with_dynamic_img_size_unless_the_recipe_says_otherwise():
+    multi = VIT_SET + ["augment.extra_crops=2", "augment.extra_crop_size=8", "head.prototypes=16"]
+    for recipe in ("swav", "dino"):
+        m = build_method(load_recipe(recipe, variant="small", overrides=multi))
+        assert m.backbone.options["dynamic_img_size"] is True
+        assert m.backbone(torch.randn(2, 3, 8, 8)).shape == (2, 192)
+    two_crops = build_method(load_recipe("dino", variant="small", overrides=VIT_SET + ["head.prototypes=16"]))
+    assert "dynamic_img_size" not in two_crops.backbone.options  # one crop size: the ViT as the recipe says
 
 
 def test_multi_crop_refuses_a_fixed_size_vit_at_construction():
@@ -220,3 +230,34 @@ def test_weight_decay_schedule_is_dinos_cosine():
     assert weight_decay_at(100, 100, cfg) == pytest.approx(0.4)
     assert weight_decay_at(25, 100, cfg) == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 4)))
     assert weight_decay_at(30, 100, {"weight_decay": 0.1}) == 0.1  # no end: constant
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+
+def test_vit_tiny_pretrain_embed_knn_through_the_cli_and_the_export_loads_into_timm(tmp_path, cli, mini_shards):
+    """`sslctl pretrain` (DINO, a 1-block ViT-Tiny at 16 px, 4 steps) -> `embed` -> `knn`, as a
+    user runs them; then the run's encoder.safetensors in plain timm."""
+    import json
+
+    from safetensors.torch import load_file
+
+    sets = [f"encoder.name={VIT}", "encoder.small_stem=false", "encoder.img_size=16", "encoder.patch_size=4",
+            "encoder.depth=1", "encoder.embed_dim=96", "encoder.num_heads=3", "augment.crop_size=16", "head.prototypes=64"]
+    done = cli("pretrain", str(mini_shards), "--recipe", "dino", "--out", str(tmp_path / "run"), "--max-steps", "4",
+               "--batch-size", "16", "--workers", "0", "--quiet", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 0, done.stderr
+    run = done.stdout.strip()
+    assert run == str(tmp_path / "run")
+    feats = cli("embed", run, str(mini_shards), "--workers", "0", "--quiet")
+    assert feats.returncode == 0, feats.stderr
+    knn = cli("knn", "--k", "20", "-t", "0.07", stdin=feats.stdout)
+    assert knn.returncode == 0, knn.stderr
+    result = json.loads(knn.stdout.splitlines()[0])
+    assert result["task"] == "knn" and result["n_bank"] == 5000 and result["n_eval"] == 1000 and 30 < result["top1"] <= 100
+
+    meta = read_metadata(tmp_path / "run" / "encoder.safetensors")
+    assert meta["arch"] == VIT and meta["options"]["patch_size"] == 4 and meta["input_size"] == 16
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=0, **meta["options"])
+    net.load_state_dict(load_file(str(tmp_path / "run" / "encoder.safetensors")), strict=True)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 96)

@@ -16,9 +16,10 @@ DINO head: MLP Linear-GELU (x len(projector_hidden), BN optional) -> Linear to t
 biases 0, as the official head.
 
 Crops of one resolution go through the backbone as one batch (the official MultiCropWrapper), so a
-ResNet's BN sees both global crops together; a ViT needs encoder.dynamic_img_size = true for local
-crops of another size (position embeddings interpolated). The teacher's backbone is built without
-stochastic depth (drop_path_rate 0), as the official code builds it.
+ResNet's BN sees both global crops together; a timm ViT is built with dynamic_img_size = true for
+local crops of another size unless the recipe says otherwise (position embeddings interpolated per
+size, as DINO's own ViT does). The teacher's backbone is built without stochastic depth
+(drop_path_rate 0), as the official code builds it.
 
 Deviations: none in the algorithm. The weight-decay schedule is the loop's (optim.weight_decay_end);
 images are normalised with the shards' or ImageNet's statistics as everywhere in sslctl.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import distributed as dist
-from sslctl.encoders import build_encoder, check_crop_sizes, is_timm
+from sslctl.encoders import build_encoder, build_multi_crop_encoder, is_timm
 from sslctl.errors import UserError
 from sslctl.losses.distillation import dino_cross_entropy, teacher_targets
 from sslctl.methods.base import Method, Progress, expect
@@ -85,8 +86,8 @@ class DINO(Method):
             raise UserError(f"recipe augment.views = {aug['views']}: DINO's teacher takes 2 global crops; "
                             "add local crops with augment.extra_crops")
         self.n_views = 2 + int(aug.get("extra_crops", 0))
-        self.backbone = build_encoder(enc)
-        check_crop_sizes(self.backbone, {int(aug["crop_size"])} | ({int(aug["extra_crop_size"])} if self.n_views > 2 else set()))
+        sizes = {int(aug["crop_size"])} | ({int(aug["extra_crop_size"])} if self.n_views > 2 else set())
+        self.backbone = build_multi_crop_encoder(enc, sizes)
         self.projector = dino_mlp(self.backbone.feature_dim, list(head["projector_hidden"]), int(head["projector_dim"]),
                                   bool(head["projector_norm"]))
         self.prototypes = WeightNormLinear(int(head["projector_dim"]), int(head["prototypes"]),
@@ -110,7 +111,7 @@ class DINO(Method):
         student = self.student_modules()
         if not (is_timm(enc["name"]) and float(enc.get("drop_path_rate", 0.0)) > 0):
             return copy.deepcopy(student)
-        backbone = use_sync_bn(build_encoder({**enc, "drop_path_rate": 0.0}), sync)
+        backbone = use_sync_bn(build_encoder({**enc, **self.backbone.options, "drop_path_rate": 0.0}), sync)
         teacher = nn.Sequential(backbone, copy.deepcopy(self.projector), copy.deepcopy(self.prototypes))
         teacher.load_state_dict(student.state_dict())
         return teacher

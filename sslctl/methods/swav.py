@@ -22,7 +22,7 @@ from torch import nn
 
 from sslctl import console, heads
 from sslctl.distributed import world_size
-from sslctl.encoders import build_encoder, check_crop_sizes
+from sslctl.encoders import build_multi_crop_encoder
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.losses.contrastive import fp32
 from sslctl.methods.base import Method, Progress, expect
@@ -35,9 +35,9 @@ class SwAV(Method):
         aug, enc, head, method = cfg["augment"], cfg["encoder"], cfg["head"], cfg["method"]
         expect(cfg, "loss", "name", ("swapped_prediction",))
         expect(cfg, "loss", "similarity", ("cosine",))
-        self.backbone = build_encoder(enc)
         self.n_views = int(aug.get("views", 2)) + int(aug.get("extra_crops", 0))
-        check_crop_sizes(self.backbone, {int(aug["crop_size"])} | ({int(aug["extra_crop_size"])} if self.n_views > 2 else set()))
+        sizes = {int(aug["crop_size"])} | ({int(aug["extra_crop_size"])} if self.n_views > 2 else set())
+        self.backbone = build_multi_crop_encoder(enc, sizes)
         self.projector = heads.from_config(self.backbone.feature_dim, head)
         sync = bool(method["sync_bn"])  # SwAV syncs BN over the global batch (§4f)
         self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
