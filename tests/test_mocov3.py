@@ -127,7 +127,7 @@ def test_vit_position_embedding_is_the_fixed_2d_sin_cos_one():
     for m_idx in (0, 5, 15):  # patch m: the first quarter encodes m // 4, the third m % 4
         torch.testing.assert_close(pos[0, 1 + m_idx, :12], torch.sin((m_idx // 4) * omega))
         torch.testing.assert_close(pos[0, 1 + m_idx, 24:36], torch.sin((m_idx % 4) * omega))
-    timm = pytest.importorskip("timm")
+    timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e .[timm]")
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=0, **m.backbone.options)
     assert list(plain.state_dict()) == list(m.backbone.state_dict())  # the export still loads into timm
 

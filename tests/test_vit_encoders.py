@@ -20,7 +20,7 @@ from sslctl.methods import build_method
 from sslctl.optim import LARS, build_optimizer, weight_decay_at
 from sslctl.recipes import load_recipe
 
-timm = pytest.importorskip("timm")
+timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e .[timm]")
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "depth": 2}
 VIT = "timm:vit_tiny_patch16_224"
