@@ -3,8 +3,12 @@
 - `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam.
   `exclude_bn_bias` keeps 1-D parameters (BN weights/biases, biases) out of weight decay, and for
   LARS out of the trust-ratio adaptation too (default: on for LARS, off for SGD / Adam).
+  `bias_lr_scale` runs the 1-D parameters at that multiple of the lr (Barlow Twins: 0.0048 / 0.2);
+  `fixed_lr` names modules whose lr stays at the peak, never warmed up or decayed (SimSiam's
+  predictor); `trust_clip` caps LARS's per-tensor lr at the global lr (LARC's clip mode).
 - `lr_at`: the lr of one step: linear warmup, then cosine (per step or per epoch), step decay at
-  milestones, or constant. The loop writes it into every param group before `optimizer.step()`.
+  milestones, or constant. The loop writes it into the param groups with `set_lr` before
+  `optimizer.step()`.
 - `cosine_tau`: BYOL's momentum schedule, tau rising from tau_base to 1.
 """
 
@@ -26,10 +30,14 @@ class LARS(torch.optim.Optimizer):
         trust = eta * |w| / |g|  (1 if a norm is 0, or if the group is excluded from adaptation)
         m <- momentum * m + lr * trust * g     (the lr sits inside the momentum buffer)
         w <- w - m
+
+    `clip` (apex LARC's clip mode, solo-learn's `clip_lr`): the adapted tensors' rate lr * trust
+    becomes min(trust, lr), i.e. the trust ratio itself is the per-tensor lr, capped at the lr.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001, adapt: bool = True):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=adapt)
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 adapt: bool = True, clip: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, adapt=adapt, clip=clip)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -52,7 +60,8 @@ class LARS(torch.optim.Optimizer):
                 w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
                 # stays on the device: no GPU->CPU sync per parameter
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                updates = torch._foreach_mul(grads, list((trust * group["lr"]).unbind()))
+                rate = trust.clamp(max=group["lr"]) if group.get("clip") else trust * group["lr"]
+                updates = torch._foreach_mul(grads, list(rate.unbind()))
             else:
                 updates = torch._foreach_mul(grads, group["lr"])
             bufs = []
@@ -76,30 +85,62 @@ def _named(params) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in items if p.requires_grad]
 
 
+def _in_module(name: str, modules: tuple[str, ...]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], optim_cfg: dict, exclude: bool) -> list[dict]:
+    """Parameters grouped by how they are optimised, in a fixed order (decayed before excluded,
+    scheduled before fixed), with only the groups that have members: [decayed, excluded 1-D]
+    with the default keys, as before these keys existed, so older checkpoints still load.
+
+    A group carries "lr_scale" (`bias_lr_scale`, on 1-D parameters) and "fixed_lr" (the modules in
+    `fixed_lr`) only where they differ from the defaults; `set_lr` reads them."""
+    wd = float(optim_cfg.get("weight_decay", 0.0))
+    bias_scale = float(optim_cfg.get("bias_lr_scale", 1.0))
+    fixed = tuple(optim_cfg.get("fixed_lr", ()))
+    unmatched = [m for m in fixed if not any(_in_module(n, (m,)) for n, _ in named)]
+    if unmatched:
+        modules = sorted({n.split(".")[0] for n, _ in named})
+        raise UserError(f"optim.fixed_lr = {list(fixed)}: {', '.join(map(repr, unmatched))} names no trainable module; "
+                        f"the method's modules are {', '.join(modules)}")
+    groups: dict[tuple[bool, bool, bool], dict] = {}
+    for name, p in named:
+        excluded, one_d, held = exclude and p.ndim <= 1, p.ndim <= 1, _in_module(name, fixed)
+        key = (excluded, one_d and bias_scale != 1.0, held)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if excluded else wd}
+            if excluded:
+                groups[key]["adapt"] = False
+            if key[1]:
+                groups[key]["lr_scale"] = bias_scale
+            if held:
+                groups[key]["fixed_lr"] = True
+        groups[key]["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
 def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
     """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`.
 
-    Parameters are split in two groups: 1-D tensors (BN weights and biases, all biases) and the
-    rest. With `exclude_bn_bias` the 1-D group gets no weight decay (and, for LARS, no trust ratio).
-    Each group's "lr" is then overwritten every step by the loop with `lr_at(...)`."""
+    Parameters are split in groups (`_param_groups`): 1-D tensors (BN weights and biases, all
+    biases) and the rest, and those of `fixed_lr` modules apart. With `exclude_bn_bias` the 1-D
+    group gets no weight decay (and, for LARS, no trust ratio). Each group's "lr" is then
+    overwritten every step by the loop with `set_lr(optimizer, lr_at(...), peak)`."""
     name = optim_cfg.get("name", "sgd")
-    wd = float(optim_cfg.get("weight_decay", 0.0))
     exclude = bool(optim_cfg.get("exclude_bn_bias", name == "lars"))
     named = _named(method_or_named_params)
     if not named:
         raise UserError("the optimiser has no trainable parameters (every parameter has requires_grad=False)")
-    decay = [p for _, p in named if not (exclude and p.ndim <= 1)]
-    no_decay = [p for _, p in named if exclude and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": wd}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "adapt": False})
+    groups = _param_groups(named, optim_cfg, exclude)
     momentum = float(optim_cfg.get("momentum", 0.9))
     if name == "sgd":
         for g in groups:
             g.pop("adapt", None)
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)))
+        return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)),
+                    clip=bool(optim_cfg.get("trust_clip", False)))
     if name in ("adamw", "adam"):
         for g in groups:
             g.pop("adapt", None)
@@ -109,9 +150,12 @@ def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dic
     raise UserError(f"optim.name = '{name}' must be one of sgd, lars, adamw, adam")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float | None = None) -> None:
+    """The step's lr into every param group: times the group's "lr_scale"; a "fixed_lr" group
+    (SimSiam's predictor) gets `peak_lr` instead of the scheduled lr (without one, `lr`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        base = peak_lr if group.get("fixed_lr") and peak_lr is not None else lr
+        group["lr"] = base * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, steps_per_epoch: int, schedule_cfg: dict, peak_lr: float) -> float:

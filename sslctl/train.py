@@ -46,7 +46,7 @@ from sslctl.data import default_workers, load_manifest, make_loader, seeded_call
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, SslctlError, UserError
 from sslctl.methods import Method, Progress, build_method
-from sslctl.optim import build_optimizer, lr_at
+from sslctl.optim import build_optimizer, lr_at, set_lr
 from sslctl.recipes import recipe_to_toml, scaled_lr
 
 CHECKPOINT_EVERY = 500  # steps; also at every epoch end
@@ -576,9 +576,7 @@ class Engine:
 
     def _train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
         progress = Progress(step=self.step, total_steps=self.total_steps, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch)
-        lr = self._lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self._lr(self.step), self.peak_lr)
         self.method.before_forward(progress)
         with self._autocast():
             out = self.step_fn(views)
