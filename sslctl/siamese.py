@@ -1,5 +1,6 @@
-"""Parts shared by the two-branch methods (MoCo, AdCo, BYOL): the momentum copy and its EMA,
-shuffle-BN for the key encoder (METHODS.md §0.6), SplitBatchNorm, and the collapse signal.
+"""Parts shared by the two-branch methods (MoCo, AdCo, BYOL, SimSiam, Barlow Twins, VICReg): the
+momentum copy and its EMA, shuffle-BN for the key encoder (METHODS.md §0.6), SplitBatchNorm,
+zero-initialised residual branches, and the collapse signal.
 
 Kept out of sslctl/methods/ because every module there is a method (methods.available())."""
 
@@ -95,6 +96,19 @@ def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True) -> 
     mine = perm.view(dist.world_size(), -1)[dist.rank()]
     k = dist.gather_no_grad(F.normalize(encoder(x_all[mine]), dim=1))
     return k[torch.argsort(perm)]
+
+
+def zero_init_residual(backbone: nn.Module, enabled: bool = True) -> nn.Module:
+    """torchvision's `zero_init_residual=True` on a built network (SimSiam, Barlow Twins and VICReg
+    build their ResNets so): the last BN of every residual block starts with weight 0, so each
+    block starts as the identity. Networks without torchvision ResNet blocks are left alone."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if enabled:
+        for m in backbone.modules():
+            if isinstance(m, (Bottleneck, BasicBlock)):
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+    return backbone
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
