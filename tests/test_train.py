@@ -182,6 +182,10 @@ def test_sigint_saves_and_exits_130(shards, tmp_path):
         ("adco", ["method.bank_size=64"]),  # adversarial bank + its velocity, ad_init (setup) before epoch 0
         ("byol", ["method.base_tau=0.9"]),  # EMA target, predictor
         ("simclr", []),  # LARS state
+        ("simsiam", ["head.projector_hidden=[64, 64]", "head.projector_dim=64", "head.predictor_dim=64",
+                     "schedule.warmup_epochs=1"]),  # the predictor's fixed-lr group through the warmup
+        ("barlow_twins", ["head.projector_hidden=[64, 64]", "head.projector_dim=64"]),  # LARS with trust clip
+        ("vicreg", ["head.projector_hidden=[64, 64]", "head.projector_dim=64"]),
     ],
 )
 def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
