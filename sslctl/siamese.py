@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import distributed as dist
+from sslctl.encoders import build_encoder
+from sslctl.heads import from_config
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -96,6 +98,16 @@ def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True) -> 
     mine = perm.view(dist.world_size(), -1)[dist.rank()]
     k = dist.gather_no_grad(F.normalize(encoder(x_all[mine]), dim=1))
     return k[torch.argsort(perm)]
+
+
+def encoder_and_projector(cfg: dict) -> tuple[nn.Module, nn.Module]:
+    """The recipe's backbone ([encoder], its residual blocks zero-initialised when
+    `zero_init_residual`) and [head] projector, with SyncBN when [method] `sync_bn` (SimSiam,
+    Barlow Twins, VICReg)."""
+    backbone = zero_init_residual(build_encoder(cfg["encoder"]), bool(cfg["encoder"].get("zero_init_residual", False)))
+    projector = from_config(backbone.feature_dim, cfg["head"], "projector")
+    sync = bool(cfg["method"]["sync_bn"])
+    return use_sync_bn(backbone, sync), use_sync_bn(projector, sync)
 
 
 def zero_init_residual(backbone: nn.Module, enabled: bool = True) -> nn.Module:

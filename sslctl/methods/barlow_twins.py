@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from sslctl.encoders import build_encoder
-from sslctl.heads import from_config
 from sslctl.losses.noncontrastive import barlow_twins_terms, cross_correlation
 from sslctl.methods.base import Method, expect
-from sslctl.siamese import embedding_std, use_sync_bn, zero_init_residual
+from sslctl.siamese import embedding_std, encoder_and_projector
 
 
 class BarlowTwins(Method):
@@ -36,10 +34,7 @@ class BarlowTwins(Method):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("barlow_twins",))
         self.lambd, self.scale = float(cfg["loss"]["lambd"]), float(cfg["loss"]["scale"])
-        self.backbone = zero_init_residual(build_encoder(cfg["encoder"]), bool(cfg["encoder"]["zero_init_residual"]))
-        self.projector = from_config(self.backbone.feature_dim, cfg["head"], "projector")
-        sync = bool(cfg["method"]["sync_bn"])
-        self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
+        self.backbone, self.projector = encoder_and_projector(cfg)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.losses.noncontrastive import negative_cosine
 from sslctl.methods.base import Method, expect
-from sslctl.siamese import embedding_std, use_sync_bn, zero_init_residual
+from sslctl.siamese import embedding_std, encoder_and_projector, use_sync_bn
 
 
 class SimSiam(Method):
@@ -38,11 +37,8 @@ class SimSiam(Method):
         if int(head["predictor_dim"]) != int(head["projector_dim"]):
             raise UserError(f"recipe head.predictor_dim = {head['predictor_dim']} must equal head.projector_dim = "
                             f"{head['projector_dim']}: SimSiam compares each view's prediction with the other's projection")
-        self.backbone = zero_init_residual(build_encoder(cfg["encoder"]), bool(cfg["encoder"]["zero_init_residual"]))
-        self.projector = from_config(self.backbone.feature_dim, cfg["head"], "projector")
-        self.predictor = from_config(int(cfg["head"]["projector_dim"]), cfg["head"], "predictor")
-        for name in ("backbone", "projector", "predictor"):
-            setattr(self, name, use_sync_bn(getattr(self, name), bool(cfg["method"]["sync_bn"])))
+        self.backbone, self.projector = encoder_and_projector(cfg)
+        self.predictor = use_sync_bn(from_config(int(head["projector_dim"]), head, "predictor"), bool(cfg["method"]["sync_bn"]))
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views

@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 
 from sslctl import distributed as dist
-from sslctl.encoders import build_encoder
-from sslctl.heads import from_config
 from sslctl.losses.noncontrastive import vicreg_terms
 from sslctl.methods.base import Method, expect
-from sslctl.siamese import embedding_std, use_sync_bn, zero_init_residual
+from sslctl.siamese import embedding_std, encoder_and_projector
 
 
 class VICReg(Method):
@@ -36,10 +34,7 @@ class VICReg(Method):
         expect(cfg, "loss", "name", ("vicreg",))
         loss = cfg["loss"]
         self.sim_coeff, self.std_coeff, self.cov_coeff = (float(loss[k]) for k in ("sim_coeff", "std_coeff", "cov_coeff"))
-        self.backbone = zero_init_residual(build_encoder(cfg["encoder"]), bool(cfg["encoder"]["zero_init_residual"]))
-        self.projector = from_config(self.backbone.feature_dim, cfg["head"], "projector")
-        sync = bool(cfg["method"]["sync_bn"])
-        self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
+        self.backbone, self.projector = encoder_and_projector(cfg)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views
