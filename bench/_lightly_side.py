@@ -1,6 +1,7 @@
-"""lightly's side of bench/compare.py (PROTOCOLS.md B1/B2): MoCo v2, SimCLR and BYOL written the
-way lightly's documentation examples write them (lightly examples/pytorch/moco.py, simclr.py,
-byol.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
+"""lightly's side of bench/compare.py (PROTOCOLS.md B1/B2): MoCo v2, SimCLR, BYOL, SimSiam, Barlow
+Twins and VICReg written the way lightly's documentation examples write them (lightly
+examples/pytorch/moco.py, simclr.py, byol.py, simsiam.py, barlowtwins.py, vicreg.py): a
+torchvision dataset with lightly's view transform, a plain DataLoader, the model as
 `backbone` + lightly heads (+ deep-copied momentum branch with `deactivate_requires_grad`),
 `update_momentum` at the start of a step, lightly's loss, SGD.
 
@@ -13,8 +14,14 @@ gets through `--set` in compare.py (see SSLCTL_OVERRIDES there):
   SimCLR     SimCLRProjectionHead(512, 512, 128), NTXentLoss(0.5), views through the backbone apart
   BYOL       BYOLProjectionHead(512, 4096, 256) / BYOLPredictionHead(256, 4096, 256),
              NegativeCosineSimilarity, tau = cosine_schedule(step, .., 0.99, 1)
-  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform at 32 px,
-             scale 0.08-1, no blur; Fashion-MNIST's gray replicated to RGB first
+  SimSiam    SimSiamProjectionHead(512, 2048, 2048) / SimSiamPredictionHead(2048, 512, 2048),
+             NegativeCosineSimilarity on detached z (sslctl's small variant's heads; the example's
+             are 512 / 128 wide)
+  Barlow T.  BarlowTwinsProjectionHead(512, 2048, 2048), BarlowTwinsLoss(lambda 0.0051)
+  VICReg     VICRegProjectionHead(512, 2048, 2048, num_layers=3), VICRegLoss() (25, 25, 1)
+  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform (BYOL, Barlow
+             Twins) / SimSiamTransform / VICRegTransform(scale 0.2-1, solarize 0.1) at 32 px,
+             scale 0.08-1 unless stated, no blur; Fashion-MNIST's gray replicated to RGB first
 
 Run as a script it trains and writes a JSON record (per-step times, loader waits, losses) and the
 backbone as an sslctl encoder.safetensors, so both libraries are evaluated by the same code.
@@ -37,14 +44,19 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightly.loss import NegativeCosineSimilarity, NTXentLoss  # noqa: E402
-from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead, SimCLRProjectionHead  # noqa: E402
+from lightly.loss import BarlowTwinsLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss  # noqa: E402
+from lightly.models.modules import (  # noqa: E402
+    BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead, SimCLRProjectionHead,
+    SimSiamPredictionHead, SimSiamProjectionHead, VICRegProjectionHead,
+)
 from lightly.models.utils import deactivate_requires_grad, update_momentum  # noqa: E402
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, MoCoV2Transform, SimCLRTransform  # noqa: E402
+from lightly.transforms import (  # noqa: E402
+    BYOLTransform, BYOLView1Transform, BYOLView2Transform, MoCoV2Transform, SimCLRTransform, SimSiamTransform, VICRegTransform,
+)
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 from lightly.utils.scheduler import cosine_schedule  # noqa: E402
 
-METHODS = ("moco_v2", "simclr", "byol")
+METHODS = ("moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "vicreg")
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 128, 0.06, 0.9, 5e-4
 IMAGE_SIZE = 32
 
@@ -105,6 +117,29 @@ class BYOL(nn.Module):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
 
+class SimSiam(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimSiamProjectionHead(512, 2048, 2048)
+        self.prediction_head = SimSiamPredictionHead(2048, 512, 2048)
+
+    def forward(self, x):
+        z = self.projection_head(self.backbone(x).flatten(start_dim=1))
+        return z.detach(), self.prediction_head(z)
+
+
+class Projected(nn.Module):
+    """Barlow Twins, VICReg: backbone + one projection head, the loss on its output."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.projection_head = backbone, head
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
 class Setup:
     """One method's model, loss, transform and step, plus the torchvision resnet whose modules the
     backbone shares (what gets exported)."""
@@ -123,9 +158,21 @@ class Setup:
             self.model = SimCLR(backbone)
             self.criterion = NTXentLoss(temperature=0.5)
             self.transform = SimCLRTransform(input_size=IMAGE_SIZE, cj_strength=0.5, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)
-        else:
-            self.model = BYOL(backbone)
+        elif method == "simsiam":
+            self.model = SimSiam(backbone)
             self.criterion = NegativeCosineSimilarity()
+            self.transform = SimSiamTransform(input_size=IMAGE_SIZE, min_scale=0.08, gaussian_blur=0.0)
+        elif method == "vicreg":
+            self.model = Projected(backbone, VICRegProjectionHead(512, 2048, 2048, num_layers=3))
+            self.criterion = VICRegLoss()
+            self.transform = VICRegTransform(input_size=IMAGE_SIZE, min_scale=0.2, solarize_prob=0.1, gaussian_blur=0.0)
+        else:  # BYOL, Barlow Twins: BYOL's asymmetric views
+            if method == "byol":
+                self.model = BYOL(backbone)
+                self.criterion = NegativeCosineSimilarity()
+            else:
+                self.model = Projected(backbone, BarlowTwinsProjectionHead(512, 2048, 2048))
+                self.criterion = BarlowTwinsLoss(lambda_param=0.0051)
             self.transform = BYOLTransform(
                 view_1_transform=BYOLView1Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
                 view_2_transform=BYOLView2Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
@@ -139,9 +186,12 @@ class Setup:
             update_momentum(model.backbone, model.backbone_momentum, m=0.99)
             update_momentum(model.projection_head, model.projection_head_momentum, m=0.99)
             return criterion(model(x_query), model.forward_momentum(x_key))
-        if self.method == "simclr":
+        if self.method in ("simclr", "barlow_twins", "vicreg"):
             x0, x1 = views
             return criterion(model(x0), model(x1))
+        if self.method == "simsiam":
+            (z0, p0), (z1, p1) = model(views[0]), model(views[1])
+            return 0.5 * (criterion(z0, p1) + criterion(z1, p0))
         x0, x1 = views
         # cosine_schedule divides by max_steps - 1: total + 1 gives sslctl's cos(pi k / K) exactly
         tau = cosine_schedule(step, self.total_steps + 1, 0.99, 1.0)
