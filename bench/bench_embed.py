@@ -1,4 +1,4 @@
-"""PROTOCOLS.md B4 (embed): `sslctl embed` images/s beside the model's forward pass alone on the
+"""docs/spec/protocols.md B4 (embed): `sslctl embed` images/s beside the model's forward pass alone on the
 same batches. Target: embed >= 0.9x forward alone.
 
     python bench/bench_embed.py SHARDS                           # resnet18, small stem, 32 px, test split

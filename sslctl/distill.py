@@ -1,4 +1,4 @@
-"""`sslctl distill`: SimCLR v2's self-distillation (METHODS.md §2d) of a fine-tuned teacher.
+"""`sslctl distill`: SimCLR v2's self-distillation (docs/spec/methods.md §2d) of a fine-tuned teacher.
 
     TEACHER (an `sslctl finetune` run) + SHARDS (labels unused) -> RUN_DIR of the student
 

@@ -1,4 +1,4 @@
-"""torch.distributed primitives (METHODS.md §0.6). World size 1 never calls a collective.
+"""torch.distributed primitives (docs/spec/methods.md §0.6). World size 1 never calls a collective.
 
 Process groups are started by `init_from_env()` from torchrun's (or SLURM's) environment: nccl
 on CUDA, gloo on the CPU. Everything else here works with or without a process group.

@@ -1,4 +1,4 @@
-"""`sslctl embed`: a frozen encoder + shards -> one features file (DESIGN.md §1, PROTOCOLS.md E1).
+"""`sslctl embed`: a frozen encoder + shards -> one features file (DESIGN.md §1, docs/spec/protocols.md E1).
 
 The features file is safetensors with `SPLIT.features` (N x D) and `SPLIT.labels` (N, int64,
 -1 when the shards are unlabelled) per split, rows in the shards' stored order, and metadata

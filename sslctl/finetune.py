@@ -1,4 +1,4 @@
-"""`sslctl finetune`: SimCLR v2's semi-supervised fine-tuning (METHODS.md §2e) of any pretrain run.
+"""`sslctl finetune`: SimCLR v2's semi-supervised fine-tuning (docs/spec/methods.md §2e) of any pretrain run.
 
     RUN (pretrained) + SHARDS (labelled) --labels 1% -> RUN_DIR
         labelled_keys.txt       the stratified labelled subset: one "KEY<TAB>CLASS" line per sample
@@ -55,7 +55,7 @@ from sslctl.train import CHECKPOINT_EVERY, LOG_EVERY, Engine, resolve_device
 KEYS_FILE, SUBSET_DIR = "labelled_keys.txt", "labelled"
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
-# README 1%-label fine-tuning command (METHODS.md §2e); every key can be changed with --set.
+# README 1%-label fine-tuning command (docs/spec/methods.md §2e); every key can be changed with --set.
 OPTIM = {"name": "lars", "batch_size": 1024, "lr": 0.005, "base_batch": 1024, "scaling": "sqrt", "momentum": 0.9,
          "weight_decay": 0.0, "exclude_bn_bias": True, "trust_coefficient": 0.001}
 SCHEDULE = {"epochs": 60, "warmup_epochs": 0, "lr_schedule": "cosine", "per": "step", "final_lr": 0.0, "milestones": []}

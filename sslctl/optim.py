@@ -1,4 +1,4 @@
-"""Optimisers and schedules from a recipe's [optim] and [schedule] (METHODS.md §0.4, §0.5).
+"""Optimisers and schedules from a recipe's [optim] and [schedule] (docs/spec/methods.md §0.4, §0.5).
 
 - `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam.
   `exclude_bn_bias` keeps 1-D parameters (BN weights/biases, biases) out of weight decay, and for

@@ -1,5 +1,5 @@
 """Parts shared by the two-branch methods (MoCo, AdCo, BYOL): the momentum copy and its EMA,
-shuffle-BN for the key encoder (METHODS.md §0.6), SplitBatchNorm, and the collapse signal.
+shuffle-BN for the key encoder (docs/spec/methods.md §0.6), SplitBatchNorm, and the collapse signal.
 
 Kept out of sslctl/methods/ because every module there is a method (methods.available())."""
 
@@ -82,7 +82,7 @@ def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
 
 @torch.no_grad()
 def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True) -> torch.Tensor:
-    """Key features with shuffle-BN (METHODS.md §0.6), L2-normalised, for the WHOLE global batch
+    """Key features with shuffle-BN (docs/spec/methods.md §0.6), L2-normalised, for the WHOLE global batch
     in rank order (N x D), so callers need no second gather.
 
     Several processes: gather the images, draw a permutation on rank 0 and broadcast it, encode

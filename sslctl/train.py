@@ -646,7 +646,7 @@ class Engine:
 
     @torch.no_grad()
     def _monitor(self) -> None:
-        """Weighted kNN (PROTOCOLS.md E1) of the backbone features: bank = the train split,
+        """Weighted kNN (docs/spec/protocols.md E1) of the backbone features: bank = the train split,
         queries = the monitor split, both with the evaluation transform. Rank 0 computes it."""
         if self.main:
             from sslctl.evaluate.knn import weighted_knn
@@ -654,7 +654,7 @@ class Engine:
             size = int(self.cfg["augment"]["crop_size"])
             bank, bank_labels = self._embed_split("train", size)
             queries, query_labels = self._embed_split(self.monitor_split, size)
-            ks = [min(k, len(bank)) for k in (20, 200)]  # PROTOCOLS.md E1's two defaults, capped by a small bank
+            ks = [min(k, len(bank)) for k in (20, 200)]  # docs/spec/protocols.md E1's two defaults, capped by a small bank
             results = weighted_knn(bank, bank_labels, queries, query_labels, ks=ks, temperatures=(0.07, 0.1))
             record = {"step": self.step, "epoch": self.epoch - 1, "monitor": self.monitor_split}
             for r in results:

@@ -1,4 +1,4 @@
-"""Data-parallel training and embedding (issue 5; METHODS.md §0.6 and each method's part (f)).
+"""Data-parallel training and embedding (issue 5; docs/spec/methods.md §0.6 and each method's part (f)).
 
 Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
 semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
@@ -63,7 +63,7 @@ FROZEN_BN = {"moco_v2", "adco"}  # see the module docstring
 # off), so elementwise comparison fails on some CPUs. In norm the 2 ranks stayed within 0.9%
 # (SwAV), 0.5% (SimCLR) and below 0.1% (MoCo v2, AdCo, BYOL) on that CPU.
 UPDATE_TOLERANCE = 3e-2
-PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (METHODS.md §4f), its shape depends on W
+PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (docs/spec/methods.md §4f), its shape depends on W
 
 
 # ------------------------------------------------------------------------------ fixtures

@@ -1,4 +1,4 @@
-"""`sslctl finetune` and `sslctl distill` (SimCLR v2's semi-supervised stages, METHODS.md §2d-e).
+"""`sslctl finetune` and `sslctl distill` (SimCLR v2's semi-supervised stages, docs/spec/methods.md §2d-e).
 
 Real shards made by `sslctl shard` from the embedded Fashion-MNIST subset, real runs through
 train.py's Engine. Fast tests use a tiny ResNet-18 at 16 px; the slow one trains at 32 px."""

@@ -1,4 +1,4 @@
-"""Losses of the founding methods against METHODS.md's sanity values (§10.3) and references."""
+"""Losses of the founding methods against docs/spec/methods.md's sanity values (§10.3) and references."""
 
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def test_scaled_lr_rules():
     assert lr == pytest.approx(0.06)
     assert msg == "lr 0.03 x 512/256 (linear scaling) = 0.06"
     lr, msg = scaled_lr({**base, "optim": {**base["optim"], "lr": 0.075, "batch_size": 4096, "scaling": "sqrt"}})
-    assert lr == pytest.approx(4.8) and "sqrt(4096)" in msg  # METHODS.md §0.4: 0.075 sqrt = 0.3 linear at 4096
+    assert lr == pytest.approx(4.8) and "sqrt(4096)" in msg  # docs/spec/methods.md §0.4: 0.075 sqrt = 0.3 linear at 4096
     lr, msg = scaled_lr({**base, "optim": {**base["optim"], "batch_size": 4096, "scaling": "none"}})
     assert lr == 0.03 and "no scaling" in msg
 

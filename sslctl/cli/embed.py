@@ -19,7 +19,7 @@ def command(
         None, "--out", "-o", help="Features file (default: RUN/features.safetensors, with -projector / -random suffixes; "
         "for a model name ./features-NAME-random.safetensors)."
     ),
-    layer: str = typer.Option("backbone", "--layer", help="backbone (pooled encoder output, PROTOCOLS.md E1) or projector (needs a run directory)."),
+    layer: str = typer.Option("backbone", "--layer", help="backbone (pooled encoder output, docs/spec/protocols.md E1) or projector (needs a run directory)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="random: a seeded random initialisation of the architecture (the floor)."),
     small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="For a model name: the 3x3 stride-1 CIFAR stem (default: off)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Resize + center crop to N px (default: the encoder's; model name: 32 with --small-stem, else 224)."),

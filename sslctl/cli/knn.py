@@ -1,4 +1,4 @@
-"""`sslctl knn`: weighted kNN accuracy of a features file (PROTOCOLS.md E1); JSON lines on stdout."""
+"""`sslctl knn`: weighted kNN accuracy of a features file (docs/spec/protocols.md E1); JSON lines on stdout."""
 
 from __future__ import annotations
 

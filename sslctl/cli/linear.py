@@ -1,4 +1,4 @@
-"""`sslctl linear`: linear probe (PROTOCOLS.md E2 on a features file, E3 with augmentation); one JSON line."""
+"""`sslctl linear`: linear probe (docs/spec/protocols.md E2 on a features file, E3 with augmentation); one JSON line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weighted kNN classification of frozen features (PROTOCOLS.md E1).
+"""Weighted kNN classification of frozen features (docs/spec/protocols.md E1).
 
 L2-normalise bank and queries; take each query's top-k bank neighbours by cosine similarity;
 weight each neighbour by exp(sim / T); a class scores the sum of its neighbours' weights; the

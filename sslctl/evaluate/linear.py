@@ -1,4 +1,4 @@
-"""Linear probes (PROTOCOLS.md E2 and E3).
+"""Linear probes (docs/spec/protocols.md E2 and E3).
 
 E2, `linear_probe` (precomputed features): standardise with the train split's mean and std,
 fit multinomial logistic regression (one linear layer, cross-entropy + wd/2 |W|^2, bias not

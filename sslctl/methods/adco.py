@@ -1,4 +1,4 @@
-"""AdCo: Adversarial Contrast (Hu, Wang, Hu, Qi; CVPR 2021). METHODS.md §5; recipes/adco.toml.
+"""AdCo: Adversarial Contrast (Hu, Wang, Hu, Qi; CVPR 2021). docs/spec/methods.md §5; recipes/adco.toml.
 
 MoCo v2's encoders (query f_q, momentum key encoder f_k, shuffle-BN) with the queue replaced by
 a bank M (dim x K) of negatives that are trained adversarially: the network descends the

@@ -1,5 +1,5 @@
 """AMDIM: Augmented Multiscale Deep InfoMax (Bachman, Hjelm, Buchwalter 2019), and with it every
-method that contrasts the feature maps of two views by NCE. METHODS.md §6; recipes/amdim.toml.
+method that contrasts the feature maps of two views by NCE. docs/spec/methods.md §6; recipes/amdim.toml.
 YADIM (§8, recipes/yadim.toml) is this file with another `compare` list: it has no code of its own.
 
 The five parts (Falcon & Cho):

@@ -1,4 +1,4 @@
-"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020). METHODS.md §3; recipes/byol.toml.
+"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020). docs/spec/methods.md §3; recipes/byol.toml.
 
     online: p = r(g(f(v)))     encoder f, projector g, predictor r ([head] projector_*, predictor_*)
     target: z' = g'(f'(v))     a copy of f, g (requires_grad False), run in TRAIN mode under

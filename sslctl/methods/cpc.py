@@ -1,5 +1,5 @@
 """CPC v2: Contrastive Predictive Coding (Hénaff et al. 2019/2020), as ported in lightning-bolts.
-METHODS.md §7; recipes/cpc_v2.toml.
+docs/spec/methods.md §7; recipes/cpc_v2.toml.
 
 The five parts (Falcon & Cho):
   1. augmentation: ONE view per image ([augment] views = 1): flip, translate or crop, jitter, gray.

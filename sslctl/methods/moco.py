@@ -1,5 +1,5 @@
 """MoCo v1 / v2 (He et al. 2019; Chen et al. 2020): a queue of negatives and a momentum key
-encoder. METHODS.md §1; recipes/moco_v1.toml and moco_v2.toml (v1: linear head, t 0.07;
+encoder. docs/spec/methods.md §1; recipes/moco_v1.toml and moco_v2.toml (v1: linear head, t 0.07;
 v2: MLP head, t 0.2, aug+, cosine lr). Follows facebookresearch/moco builder.py:
 
     q = normalise(f_q(v1))                                  # query encoder, with gradient

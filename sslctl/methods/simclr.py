@@ -1,11 +1,11 @@
-"""SimCLR (Chen et al. 2020; v2: Chen et al. 2020b). METHODS.md §2; recipes/simclr.toml.
+"""SimCLR (Chen et al. 2020; v2: Chen et al. 2020b). docs/spec/methods.md §2; recipes/simclr.toml.
 
     h = f(v1 ; v2)   both views in ONE backbone batch, so BN sees 2B images (as tf2/run.py);
                      method.fused_views = false: f(v1), f(v2), BN per view (as lightly's example)
     z = normalise(g(h))   g = [head] projector: SimCLR's ProjectionHead, Linear-BN-ReLU per
                           middle layer, last Linear without bias followed by BN without shift
     loss = NT-Xent(z1, z2, t) with the other 2N-1 views of the GLOBAL batch as candidates,
-           gathered WITH gradient (METHODS.md §0.6), positive at global index rank*B + n.
+           gathered WITH gradient (docs/spec/methods.md §0.6), positive at global index rank*B + n.
 
 The loss is the TF code's: the two directions summed, averaged over pairs (twice the paper's
 1/(2N) form; irrelevant under LARS, which is scale-invariant). SimCLR v2 is only a recipe

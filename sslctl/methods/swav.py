@@ -1,4 +1,4 @@
-"""SwAV: Swapping Assignments between Views (Caron et al. 2020). Numbers: METHODS.md §4.
+"""SwAV: Swapping Assignments between Views (Caron et al. 2020). Numbers: docs/spec/methods.md §4.
 
 The five parts:
   1. augmentation: multi-crop, 2 large crops (views 0, 1) + `extra_crops` small ones ([augment]).
