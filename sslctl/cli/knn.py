@@ -36,19 +36,13 @@ def command(
 
     from sslctl import console
     from sslctl.artifacts import path_from_stdin_or_arg, sha256_file
-    from sslctl.embed import load_split, read_features_metadata
-    from sslctl.errors import UserError
+    from sslctl.embed import load_split_pair
     from sslctl.evaluate.knn import DEFAULT_PAIRS, pair_up, weighted_knn
-    from sslctl.train import resolve_device
+    from sslctl.devices import resolve_device
 
     console.set_quiet(quiet)
     path = path_from_stdin_or_arg(features, "features file (from `sslctl embed`)")
-    meta = read_features_metadata(path)
-    bank, bank_labels = load_split(path, bank_split)
-    queries, query_labels = load_split(path, eval_split)
-    if bank.shape[1] != queries.shape[1]:
-        raise UserError(f"{path}: {bank_split}.features has {bank.shape[1]} dimensions but {eval_split}.features has "
-                        f"{queries.shape[1]}; embed both splits with the same encoder and layer")
+    meta, (bank, bank_labels), (queries, query_labels) = load_split_pair(path, bank_split, eval_split)
     pairs = pair_up(k or [p[0] for p in DEFAULT_PAIRS], temperature or [p[1] for p in DEFAULT_PAIRS])
     dev = resolve_device(device)
     classes = meta.get("classes") or []

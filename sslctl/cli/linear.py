@@ -44,7 +44,7 @@ def command(
     from sslctl import console
     from sslctl.artifacts import path_from_stdin_or_arg, sha256_file
     from sslctl.errors import UserError
-    from sslctl.train import resolve_device
+    from sslctl.devices import resolve_device
 
     console.set_quiet(quiet)
     if protocol == "augment":
@@ -61,16 +61,11 @@ def command(
     if protocol != "precomputed":
         raise UserError(f"--protocol {protocol}: expected precomputed (E2) or augment (E3)")
 
-    from sslctl.embed import load_split, read_features_metadata
+    from sslctl.embed import load_split_pair
     from sslctl.evaluate.linear import E2_ITERS, linear_probe
 
     path = path_from_stdin_or_arg(features, "features file (from `sslctl embed`)")
-    meta = read_features_metadata(path)
-    train_x, train_y = load_split(path, train_split)
-    eval_x, eval_y = load_split(path, eval_split)
-    if train_x.shape[1] != eval_x.shape[1]:
-        raise UserError(f"{path}: {train_split}.features has {train_x.shape[1]} dimensions but {eval_split}.features has "
-                        f"{eval_x.shape[1]}; embed both splits with the same encoder and layer")
+    meta, (train_x, train_y), (eval_x, eval_y) = load_split_pair(path, train_split, eval_split)
     dev = resolve_device(device)
     num_classes = max(len(meta.get("classes") or []), int(max(train_y.max(), eval_y.max())) + 1)
     result = linear_probe(train_x.to(dev), train_y, eval_x.to(dev), eval_y, num_classes=num_classes,

@@ -173,7 +173,7 @@ def augmented_probe(
     """E3: train a linear layer on the frozen encoder with augmentation; score eval_split once."""
     from sslctl.data import load_manifest, make_loader, split_shards
     from sslctl.embed import embed_shards, open_encoder, resolve_normalization
-    from sslctl.train import default_amp, resolve_device
+    from sslctl.devices import default_amp, resolve_device
 
     manifest = load_manifest(shards)
     if not manifest.get("labelled"):
