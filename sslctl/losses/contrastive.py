@@ -44,19 +44,11 @@ def keys_and_bank_similarities(q: torch.Tensor, keys: torch.Tensor, bank: torch.
 
     q: (B, D) local queries; keys: (N, D) the global batch's keys in rank order; bank: (D, K)
     raw (unnormalised) adversarial negatives, used as normalised columns.
-    Returns (B, N+K): [q.k_1 .. q.k_N, q.m^_1 .. q.m^_K]."""
+    Returns (B, N+K): [q.k_1 .. q.k_N, q.m^_1 .. q.m^_K]. AdCo's network loss is
+    `cross_entropy_at` of these at its positives' global indices (methods/adco.py)."""
     with fp32(q.device):
         q = q.float()
         return torch.cat([q @ keys.float().T, q @ F.normalize(bank.float(), dim=0)], dim=1)
-
-
-def info_nce_global(
-    q: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor, temperature: float, positive_index: torch.Tensor
-) -> torch.Tensor:
-    """AdCo's network loss: CE over [keys of the whole global batch, bank] with the positive of
-    local query n at its global index (rank * B + n); the other images' keys are extra negatives.
-    Shapes as in `keys_and_bank_similarities`; positive_index: (B,) long. Equal logits give log(N+K)."""
-    return cross_entropy_at(keys_and_bank_similarities(q, keys, bank), temperature, positive_index)
 
 
 def nt_xent(

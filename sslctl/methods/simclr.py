@@ -22,21 +22,22 @@ its role).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sslctl import distributed as dist
 from sslctl.encoders import build_encoder
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import nt_xent
-from sslctl.methods.base import Method, expect
+from sslctl.methods.base import Method, expect, similarity_of
 from sslctl.siamese import embedding_std, use_sync_bn
 
 
 class SimCLR(Method):
+    defaults = {"method": {"fused_views": True, "sync_bn": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("nt_xent",))
-        expect(cfg, "loss", "similarity", ("cosine",))
+        self.similarity = similarity_of(cfg, ("cosine",))
         self.temperature = float(cfg["loss"]["temperature"])
         self.gather = bool(cfg["method"]["gather"])
         self.backbone = build_encoder(cfg["encoder"])
@@ -48,9 +49,9 @@ class SimCLR(Method):
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views
         if self.fused_views:
-            z1, z2 = F.normalize(self.projector(self.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
+            z1, z2 = self.similarity(self.projector(self.backbone(torch.cat([x1, x2])))).chunk(2)
         else:
-            z1, z2 = (F.normalize(self.projector(self.backbone(x)), dim=1) for x in (x1, x2))
+            z1, z2 = (self.similarity(self.projector(self.backbone(x))) for x in (x1, x2))
         if self.gather:
             loss = nt_xent(z1, z2, self.temperature, z1_all=dist.gather_with_grad(z1),
                            z2_all=dist.gather_with_grad(z2), rank=dist.rank())
