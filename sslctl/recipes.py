@@ -9,8 +9,9 @@ recipe's CIFAR-size version lives in the same file. Resolution order:
 The resolved dict has no `variants` table and records the chosen variant in `recipe.variant`;
 `recipe_to_toml` writes it back so a run directory holds its own reproducible recipe.
 
-Validation is by example: the keys a recipe lists are the keys it accepts (so a recipe lists every
-key its method reads). A per-view table `[augment.viewN]` may take any plain key of `[augment]`.
+Validation is by example: the keys a recipe lists, and its method's `defaults` (methods/base.py)
+for the keys it leaves out, are the keys it accepts. A per-view table `[augment.viewN]` may take
+any plain key of `[augment]`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def load_recipe(
         raise UserError(f"{path}: `variants` must be a table of [variants.NAME.SECTION] tables")
     cfg = copy.deepcopy(raw)
     _check_sections(cfg, path)
+    _fill_defaults(cfg)
     recorded = cfg["recipe"].get("variant")  # a resolved recipe (run dir) already chose one
 
     chosen = _pick_variant(variant, variants, image_size, recorded, path)
@@ -159,6 +161,16 @@ def _check_sections(cfg: dict, path: Path) -> None:
     for key in ("name", "method"):
         if not isinstance(cfg["recipe"].get(key), str):
             raise UserError(f"{path}: [recipe] needs a string `{key}` (e.g. {key} = \"moco\")")
+
+
+def _fill_defaults(cfg: dict) -> None:
+    """Keys the recipe's method reads that the file does not list take the method's defaults
+    (Method.defaults), so a key added to a method needs no change to existing recipes."""
+    from sslctl.methods import method_defaults  # the methods import this module
+
+    for dotted, value in method_defaults(cfg).items():
+        section, key = dotted.split(".", 1)
+        cfg.setdefault(section, {}).setdefault(key, copy.deepcopy(value))
 
 
 def _flatten(table: dict, prefix: str = "") -> list[tuple[str, Any]]:

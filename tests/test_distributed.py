@@ -125,13 +125,12 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     """STEPS training steps of the real engine (DDP when distributed) on fixed global views;
     this process feeds its rank's slice. Returns what the tests compare."""
     from sslctl.recipes import load_recipe
+    from sslctl.run_options import RunOptions
     from sslctl.train import Engine
 
     cfg = load_recipe(name, variant="small", overrides=[*TINY, *METHODS[name], *(extra or [])])
-    engine = Engine(
-        shards, cfg, out, device="cpu", resume="never", seed=0, workers=0, compile=False, checkpoint_every=500,
-        log_every=1, monitor_split=None, monitor_every=1, max_steps=None, channels_last=False, amp=False, recipe_file=None,
-    )
+    options = RunOptions(device="cpu", resume="never", seed=0, workers=0, log_every=1, channels_last=False, amp=False)
+    engine = Engine(shards, cfg, out, options)
     engine.method.train()
     if name in FROZEN_BN:
         for m in engine.method.modules():
@@ -142,11 +141,11 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     mine = slice(dist.rank() * n, (dist.rank() + 1) * n)
     losses = []
     for step in range(STEPS):
-        losses.append(engine._train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
+        losses.append(engine.train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
         engine.step += 1
     return {
         "losses": losses, "before": before, "after": {k: v.clone() for k, v in engine.method.state_dict().items()},
-        "peak_lr": engine.peak_lr, "batch_per_rank": engine.batch_per_rank, "world": engine.world,
+        "peak_lr": engine.peak_lr, "batch_per_rank": engine.data.batch_per_rank, "world": engine.world,
         "sync_bn": sorted({type(m).__name__ for m in engine.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
     }
 
