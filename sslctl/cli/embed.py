@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli import _run_flags as flags
+
 
 def command(
     encoder: str = typer.Argument(
@@ -25,10 +27,10 @@ def command(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Resize + center crop to N px (default: the encoder's; model name: 32 with --small-stem, else 224)."),
     normalize: str = typer.Option("auto", "--normalize", help="auto (the encoder's own, else the shards' mean/std), encoder, manifest or imagenet."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = flags.DEVICE,
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and CPUs with native bf16)."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
+    bf16: Optional[bool] = flags.BF16,
+    channels_last: Optional[bool] = flags.CHANNELS_LAST,
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes; each takes whole shards (default: cores - 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --weights random."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (warnings and errors still show)."),
