@@ -233,10 +233,7 @@ class FineTune(Method):
     def param_groups(self) -> list[ParamGroup]:
         """The zero-initialised classifier (SimCLR's head_supervised) gets neither weight decay nor
         LARS's trust ratio, which (eta |w| / |g|) would hold it near 0."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        head = [(n, p) for n, p in named if n.startswith("classifier.")]
-        return [ParamGroup([(n, p) for n, p in named if not n.startswith("classifier.")]),
-                ParamGroup(head, weight_decay=0.0, adapt=False)]
+        return self.param_groups_apart(lambda name: name.startswith("classifier."), weight_decay=0.0, adapt=False)
 
     def load_initial_weights(self) -> None:
         """The pretrained encoder and head layers from the source run's checkpoint."""

@@ -506,9 +506,7 @@ class NoDecayHeadSimCLR(SimCLR):
     initial_weights_loaded = 0
 
     def param_groups(self) -> list[ParamGroup]:
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        return [ParamGroup([(n, p) for n, p in named if not n.startswith("projector.")]),
-                ParamGroup([(n, p) for n, p in named if n.startswith("projector.")], weight_decay=0.0)]
+        return self.param_groups_apart(lambda name: name.startswith("projector."), weight_decay=0.0)
 
     def load_initial_weights(self) -> None:
         type(self).initial_weights_loaded += 1

@@ -27,7 +27,8 @@ none of it declares nothing):
   param_groups()          how the optimiser treats its parameters: a list of
                           sslctl.optim.ParamGroup, e.g. "no weight decay for these" (a ViT's
                           pos_embed and cls_token, timm's `no_weight_decay()`) or "neither weight
-                          decay nor LARS's trust ratio" (FineTune's zero-initialised classifier).
+                          decay nor LARS's trust ratio" (FineTune's zero-initialised classifier);
+                          `param_groups_apart` builds the usual two-group case.
                           Default: one group of every trainable parameter, under [optim]'s rules.
   load_initial_weights()  called on a fresh start only (a resume restores the checkpoint):
                           weights from another run (FineTune: the pretrained encoder; Distill: the
@@ -118,6 +119,14 @@ class Method(nn.Module):
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup([(n, p) for n, p in self.named_parameters() if p.requires_grad])]
+
+    def param_groups_apart(self, chosen: Callable[[str], bool], **options) -> list[ParamGroup]:
+        """For a param_groups() override: the trainable parameters whose name is `chosen` in a group
+        of their own with `options` (ParamGroup's weight_decay, adapt), after the rest. A ViT:
+        `self.param_groups_apart(lambda n: n in ("backbone.pos_embed", "backbone.cls_token"), weight_decay=0.0)`."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [ParamGroup([(n, p) for n, p in named if not chosen(n)]),
+                ParamGroup([(n, p) for n, p in named if chosen(n)], **options)]
 
     def load_initial_weights(self) -> None:
         pass
