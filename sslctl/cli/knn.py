@@ -6,14 +6,16 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli._bounds import above, at_least
+
 
 def command(
     features: Optional[str] = typer.Argument(None, help="Features file from `sslctl embed`; '-' or omitted: read its path from stdin."),
     bank_split: str = typer.Option("train", "--bank-split", help="Split whose features are the neighbours."),
     eval_split: str = typer.Option("test", "--eval-split", help="Split that is classified."),
-    k: Optional[List[int]] = typer.Option(None, "--k", help="Neighbours (repeatable) (default: 20 and 200)."),
+    k: Optional[List[int]] = typer.Option(None, "--k", callback=at_least(1), help="Neighbours (repeatable) (default: 20 and 200)."),
     temperature: Optional[List[float]] = typer.Option(
-        None, "--temperature", "-t", help="Temperature (repeatable; pairs with --k in order, one value applies to all) (default: 0.07 and 0.1)."
+        None, "--temperature", "-t", callback=above(0), help="Temperature (repeatable; pairs with --k in order, one value applies to all) (default: 0.07 and 0.1)."
     ),
     backend: str = typer.Option("auto", "--backend", help="auto (faiss on the CPU, torch on CUDA without faiss-gpu), faiss or torch; both exact."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (where the search runs)."),

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from sslctl.cli._bounds import above, at_least
+
 
 def command(
     features: Optional[str] = typer.Argument(
@@ -16,12 +18,12 @@ def command(
     train_split: str = typer.Option("train", "--train-split", help="Split the probe is trained on."),
     eval_split: str = typer.Option("test", "--eval-split", help="Split that is scored, once, at the end."),
     shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
-    lr: float = typer.Option(30.0, "--lr", help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="E3: batch size."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
+    lr: float = typer.Option(30.0, "--lr", callback=above(0), help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=at_least(1), help="E3: batch size."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="E3: data loader processes."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (E2) or of the data order and initialisation (E3)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="E3: data loader processes."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of the held-out split (E2) or of the data order and initialisation (E3)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
     """Linear probe; one JSON line on stdout:

@@ -4,18 +4,20 @@ from pathlib import Path
 
 import typer
 
+from sslctl.cli._bounds import at_least, within
+
 
 def command(
     src: Path = typer.Argument(..., help="Image folder, idx/CIFAR files or folder, or a .csv/.tsv list of path[,label]."),
     out: Path = typer.Argument(..., help="Output directory for SPLIT-NNNNNN.tar shards and manifest.json."),
     source: str = typer.Option("auto", "--source", help="Force the source kind: auto, folder, images, idx, cifar, csv."),
-    max_count: int = typer.Option(10_000, "--max-count", help="At most this many images per shard."),
+    max_count: int = typer.Option(10_000, "--max-count", callback=at_least(1), help="At most this many images per shard."),
     max_size: str = typer.Option("512MB", "--max-size", help="At most this many bytes per shard (e.g. 256MB, 1G)."),
-    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Carve a stratified val split of this fraction out of train."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample order (same input + flags = identical bytes)."),
-    max_side: int | None = typer.Option(None, "--max-side", help="Downscale images whose longer side exceeds this (re-encodes)."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", callback=within(0, 1, include_high=False), help="Carve a stratified val split of this fraction out of train."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of the sample order (same input + flags = identical bytes)."),
+    max_side: int | None = typer.Option(None, "--max-side", callback=at_least(1), help="Downscale images whose longer side exceeds this (re-encodes)."),
     format: str = typer.Option("keep", "--format", help="keep (original bytes; raw arrays -> png), png, jpg or webp."),
-    workers: int | None = typer.Option(None, "--workers", help="Processes for reading, verifying and encoding [default: all cores]."),
+    workers: int | None = typer.Option(None, "--workers", callback=at_least(1), help="Processes for reading, verifying and encoding [default: all cores]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still show)."),
 ) -> None:
     """Pack a dataset into WebDataset tar shards plus manifest.json; prints the manifest path.
