@@ -17,7 +17,7 @@ def command(
     student: Optional[str] = typer.Option(None, "--student", help="Student backbone, any torchvision model name [default: the teacher's]."),
     temperature: float = typer.Option(1.0, "--temperature", callback=above(0), help="Softmax temperature t of both predictions; the loss is scaled by t^2."),
     alpha: float = typer.Option(1.0, "--alpha", callback=within(0, 1), help="Loss = alpha KD + (1 - alpha) CE on the teacher's labelled subset; 1: no labels."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split on which the student's top-1 is logged to metrics.jsonl (skipped when absent)."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split on which the student's top-1 is logged to metrics.jsonl (default: test, else val; skipped when absent)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key of the distillation recipe: section.key=value (repeatable)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="Shortcut for --set schedule.epochs=N [default: 100]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=at_least(1), help="Global batch; shortcut for --set optim.batch_size=N [default: 256]."),
@@ -40,7 +40,9 @@ def command(
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
+    from sslctl.data import load_manifest
     from sslctl.distill import distill
+    from sslctl.evaluate.splits import default_eval_split
 
     console.set_quiet(quiet)
     teacher_path = path_from_stdin_or_arg(teacher, "teacher run directory (from `sslctl finetune`)")
@@ -49,6 +51,7 @@ def command(
         overrides.append(f"schedule.epochs={epochs}")
     if batch_size is not None:
         overrides.append(f"optim.batch_size={batch_size}")
+    eval_split = eval_split or default_eval_split(load_manifest(shards)["splits"])  # test, else val
     run_dir = distill(
         teacher_path, shards, out, student=student, temperature=temperature, alpha=alpha, eval_split=eval_split,
         overrides=overrides, device=device, resume=resume, seed=seed, workers=workers, max_steps=max_steps, amp=amp,

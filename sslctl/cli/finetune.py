@@ -18,7 +18,7 @@ def command(
     head_layers: int = typer.Option(1, "--head-layers", callback=at_least(0), help="Layers of the pretrained projection head kept under the classifier (SimCLR v2: 1; 0: encoder only)."),
     subset_seed: int = typer.Option(0, "--subset-seed", callback=at_least(0), help="Seed of the labelled subset (independent of --seed)."),
     split: str = typer.Option("train", "--split", help="Split the labelled subset is drawn from."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split on which the final classifier's top-1 is logged to metrics.jsonl (skipped when absent)."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split on which the final classifier's top-1 is logged to metrics.jsonl (default: test, else val; skipped when absent)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key of the fine-tuning recipe: section.key=value (repeatable), e.g. optim.lr=0.01."),
     epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="Shortcut for --set schedule.epochs=N [default: 60]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=at_least(1), help="Global batch; shortcut for --set optim.batch_size=N [default: 1024, at most the subset]."),
@@ -43,7 +43,9 @@ def command(
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
+    from sslctl.data import load_manifest
     from sslctl.finetune import finetune
+    from sslctl.evaluate.splits import default_eval_split
 
     console.set_quiet(quiet)
     run_path = path_from_stdin_or_arg(run, "pretrain run directory")
@@ -52,6 +54,7 @@ def command(
         overrides.append(f"schedule.epochs={epochs}")
     if batch_size is not None:
         overrides.append(f"optim.batch_size={batch_size}")
+    eval_split = eval_split or default_eval_split(load_manifest(shards)["splits"])  # test, else val
     run_dir = finetune(
         run_path, shards, out, labels=labels, head_layers=head_layers, subset_seed=subset_seed, split=split,
         eval_split=eval_split, overrides=overrides, device=device, resume=resume, seed=seed, workers=workers,

@@ -16,7 +16,7 @@ def command(
     ),
     protocol: str = typer.Option("precomputed", "--protocol", help="precomputed (E2) or augment (E3: frozen encoder, augmentation on the fly; needs --shards)."),
     train_split: str = typer.Option("train", "--train-split", help="Split the probe is trained on."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split that is scored, once, at the end."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split that is scored, once, at the end (default: test, else val)."),
     shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json."),
     epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
     lr: float = typer.Option(30.0, "--lr", callback=above(0), help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
@@ -46,6 +46,7 @@ def command(
     from sslctl import console
     from sslctl.artifacts import path_from_stdin_or_arg, sha256_file
     from sslctl.errors import UserError
+    from sslctl.evaluate.splits import pick_eval_split
     from sslctl.train import resolve_device
 
     console.set_quiet(quiet)
@@ -68,6 +69,8 @@ def command(
 
     path = path_from_stdin_or_arg(features, "features file (from `sslctl embed`)")
     meta = read_features_metadata(path)
+    eval_split = pick_eval_split(eval_split, meta["splits"] or [], path)
+    console.log(f"linear: trained on split {train_split}, scored on split {eval_split}")
     train_x, train_y = load_split(path, train_split)
     eval_x, eval_y = load_split(path, eval_split)
     if train_x.shape[1] != eval_x.shape[1]:

@@ -16,7 +16,7 @@ def command(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Image file: .png, .pdf or .svg."),
     method: str = typer.Option("pca", "--method", help="Map: pca, tsne (needs scikit-learn) or umap (needs umap-learn)."),
-    split: str = typer.Option("test", "--split", help="Map: the split to draw."),
+    split: Optional[str] = typer.Option(None, "--split", help="Map: the split to draw (default: test, else val, else the first)."),
     max_points: int = typer.Option(5000, "--max-points", callback=at_least(1), help="Map: draw at most this many points (a seeded random subset)."),
     seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Map: seed of the subset and of t-SNE / UMAP."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but warnings and errors."),
