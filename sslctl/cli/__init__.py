@@ -27,7 +27,10 @@ app = typer.Typer(
     help="Self-supervised learning on images as composable stages: "
     "shard -> pretrain -> embed -> knn / linear. Every stage prints its artifact path on stdout.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # click's plain help: rich's option table squeezes each option's help into ~20 columns at 80
+    # columns or in a pipe. Docstrings wrap by paragraph; a paragraph after a \b line is kept
+    # verbatim (the examples).
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

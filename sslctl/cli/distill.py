@@ -36,7 +36,9 @@ def command(
 
     Example:
 
-        sslctl distill runs/simclr2-ft1 shards/ --student resnet18 --out runs/student-r18
+    \b
+        sslctl distill runs/simclr2-ft1 shards/ --student resnet18 \\
+          --out runs/student-r18
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

@@ -46,11 +46,12 @@ def command(
 
     Examples:
 
+    \b
         sslctl embed runs/moco shards/fmnist | sslctl knn
-
-        sslctl embed resnet18 shards/fmnist --weights random --small-stem --out floor.safetensors
-
-        sslctl embed runs/moco shards/imagenet --nproc 4   (4 processes share the shards; the same FEATS)
+        sslctl embed resnet18 shards/fmnist --weights random --small-stem \\
+          --out floor.safetensors
+        # 4 processes share the shards; the same FEATS:
+        sslctl embed runs/moco shards/imagenet --nproc 4
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

@@ -39,7 +39,9 @@ def command(
 
     Example:
 
-        sslctl finetune runs/simclr2 shards/ --labels 1% --out runs/simclr2-ft1 | sslctl distill - shards/ --out runs/student
+    \b
+        sslctl finetune runs/simclr2 shards/ --labels 1% --out runs/simclr2-ft1 |
+          sslctl distill - shards/ --out runs/student
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

@@ -24,15 +24,16 @@ def command(
     """Weighted kNN classification (E1): one JSON line per (k, T) on stdout, a table with
     top-1, top-5 and per-class accuracy on stderr.
 
-    Each line: {"task": "knn", "protocol": "weighted-knn/cosine/k=20/T=0.07", "k", "temperature",
-    "top1", "top5" (percent), "n_bank", "n_eval", "bank_split", "eval_split", "features",
-    "features_sha256"}. The default pairs are k=20/T=0.07 and k=200/T=0.1, from one search.
+    Each line: {"task": "knn", "protocol": "weighted-knn/cosine/k=20/T=0.07", "k",
+    "temperature", "top1", "top5" (percent), "n_bank", "n_eval", "bank_split", "eval_split",
+    "features", "features_sha256"}. The default pairs are k=20/T=0.07 and k=200/T=0.1, from
+    one search. The eval split is --eval-split, else test, else val.
 
     Examples:
 
+    \b
         sslctl knn runs/moco/features.safetensors
-
-        sslctl embed runs/moco shards/ | sslctl knn --k 10 --k 20 --temperature 0.07
+        sslctl embed runs/moco shards/ | sslctl knn --k 10 --k 20 -t 0.07
     """
     import json
 

@@ -26,19 +26,19 @@ def command(
     seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of the held-out split (E2) or of the data order and initialisation (E3)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
-    """Linear probe; one JSON line on stdout:
-    {"task": "linear", "protocol", "top1", "top5" (percent), "lr", "wd", "epochs", "n_train",
-    "n_eval", "features" or "encoder", ...}.
+    """Linear probe; one JSON line on stdout: {"task": "linear", "protocol", "top1", "top5"
+    (percent), "lr", "wd", "epochs", "n_train", "n_eval", "train_split", "eval_split",
+    "features" or "encoder", ...}.
 
     E2 (default): standardised features, multinomial logistic regression by full-batch L-BFGS,
-    weight decay chosen on a stratified 10% of train, refit on all of train, eval split scored
-    once at the end. E3: MoCo's augmented probe on the frozen encoder (slow: 100 epochs of
-    forward passes).
+    weight decay chosen on a stratified 10% of train, refit on all of train, eval split (test,
+    else val) scored once at the end. E3: MoCo's augmented probe on the frozen encoder (slow:
+    100 epochs of forward passes).
 
     Examples:
 
+    \b
         sslctl linear runs/moco/features.safetensors
-
         sslctl linear runs/moco --protocol augment --shards shards/fmnist --lr 30
     """
     import json

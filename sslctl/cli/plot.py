@@ -27,8 +27,8 @@ def command(
 
     Examples:
 
+    \b
         sslctl plot runs/moco/features.safetensors --out map.png --method tsne
-
         sslctl plot runs/moco --out curves.png
     """
     from sslctl import console

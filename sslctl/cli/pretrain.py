@@ -32,7 +32,7 @@ def command(
     monitor_every: int = typer.Option(1, "--monitor-every", callback=at_least(1), help="Run the --monitor every N epochs."),
     amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, where it measured faster)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
-    views: str = typer.Option("auto", "--views", help="How the views are made: per-image (torchvision, in the loader's workers), batch (a whole uint8 batch at once, in the workers), batch-on-device (a whole batch on the training device, in the training process), auto (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md."),
+    views: str = typer.Option("auto", "--views", help="How the views are made: per-image, batch, batch-on-device or auto (see above)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
     nproc: int = typer.Option(1, "--nproc", callback=at_least(1), help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
@@ -42,16 +42,24 @@ def command(
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
     The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
-    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on the
-    CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on
+    the CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
 
-    Example:
+    --views says how the two (or more) views of an image are made: per-image (torchvision, in
+    the loader's workers), batch (a whole uint8 batch at once, in the workers),
+    batch-on-device (a whole batch on the training device, in the training process), or auto
+    (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in
+    docs/performance.md.
 
-        sslctl shard ~/data/fashion-mnist shards/ | sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+    Examples:
 
-        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
-
-        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4   (the same, torchrun started for you)
+    \b
+        sslctl shard ~/data/fashion-mnist shards/ |
+          sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr \\
+          --out runs/simclr --set optim.lr=0.5
+        # the same, with torchrun started for you:
+        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

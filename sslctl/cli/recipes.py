@@ -17,7 +17,10 @@ def command(
 ) -> None:
     """List recipes (one line each), or print the resolved recipe NAME as TOML on stdout.
 
-    Example: sslctl recipes moco_v2 --variant small --set optim.lr=0.1
+    Example:
+
+    \b
+        sslctl recipes moco_v2 --variant small --set optim.lr=0.1
     """
     from sslctl.recipes import list_recipes, load_recipe, recipe_to_toml, scaled_lr
     from sslctl import console

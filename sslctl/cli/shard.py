@@ -20,11 +20,23 @@ def command(
     workers: int | None = typer.Option(None, "--workers", callback=at_least(1), help="Processes for reading, verifying and encoding [default: all cores]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still show)."),
 ) -> None:
-    """Pack a dataset into WebDataset tar shards plus manifest.json; prints the manifest path.
+    """Pack a dataset into WebDataset tar shards plus manifest.json; print the manifest path.
 
-    Sources are detected automatically: class folders (optionally under train/ val/ test/), a folder of unlabelled images at any depth, MNIST/Fashion-MNIST idx files, CIFAR-10/100 python batches, or a CSV/TSV list of path[,label]. JPEG/PNG/WebP files keep their original bytes; raw arrays become lossless PNG. Corrupt files are skipped, listed in the manifest and counted. Rerunning after an interruption keeps the finished shards (verified by sha256).
+    The source is detected (--source forces a kind) and stderr says what SRC was read as, and
+    why: class folders (CLASS/IMAGE files, optionally under train/ val/ test/), unlabelled
+    images at any depth, MNIST/Fashion-MNIST idx files, CIFAR-10/100 python batches, or a
+    CSV/TSV list of path[,label]. A tree that looks like class folders but has images
+    elsewhere is refused, naming them: --source folder keeps the labels and leaves those out,
+    --source images reads every image without labels.
 
-    Example: sslctl shard ~/data/fashion-mnist shards/fmnist --val-fraction 0.1
+    JPEG/PNG/WebP files keep their original bytes; raw arrays become lossless PNG. Corrupt
+    files are skipped, listed in the manifest and counted. Rerunning after an interruption
+    keeps the finished shards (verified by sha256).
+
+    Example:
+
+    \b
+        sslctl shard ~/data/fashion-mnist shards/fmnist --val-fraction 0.1
     """
     from sslctl import console
     from sslctl.shard import Options, parse_size, shard
