@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from rich.markup import escape
 
 from sslctl import console

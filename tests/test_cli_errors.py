@@ -146,3 +146,18 @@ def test_ctrl_c_while_a_command_waits_on_stdin_exits_130():
         proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and out == ""
+
+
+def test_an_output_path_under_a_file_is_exit_2_naming_it(tmp_path):
+    from tests.evalkit import make_shards
+
+    shards = make_shards(tmp_path / "data", n_train=20, n_test=10, max_count=20)
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder is expected\n")
+    for args in (["shard", str(tmp_path / "data" / "idx"), str(blocker / "shards")],
+                 ["pretrain", str(shards), "--recipe", "moco_v2", "--out", str(blocker / "run"), "--batch-size", "8",
+                  "--max-steps", "1", "--workers", "0"]):
+        res = run_cli(*args, timeout=300)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and str(blocker) in res.stderr and "not a folder" in res.stderr, res.stderr
+        assert res.stdout == ""

@@ -85,3 +85,10 @@ def test_pretrain_flags(shards, tmp_path, flag, value):
 def test_other_commands_flags(features, shards, tmp_path, args, flag, value):
     filled = [a.format(features=features, shards=shards, tmp=tmp_path) for a in args]
     assert_bad_flag(run_cli(*filled, timeout=300), flag, value)
+
+
+def test_a_recipe_value_out_of_range_from_the_command_line(shards, tmp_path):
+    res = run_cli("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "run"), "--workers", "0",
+                  "--max-steps", "1", "--batch-size", "16", "--set", "optim.lr=-0.1", timeout=300)
+    assert_bad_flag(res, "optim.lr", "-0.1")
+    assert not (tmp_path / "run").exists()
