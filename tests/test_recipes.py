@@ -209,7 +209,7 @@ def test_unknown_keys_in_a_recipe_file_name_the_closest_valid_key(tmp_path: Path
         load_recipe(str(_moco_file(tmp_path, old, new)))
 
 
-def test_a_recipe_file_may_omit_keys_and_use_any_key_of_its_method(tmp_path: Path):
+def test_per_view_tables_and_a_plugin_method_pass_the_file_key_check(tmp_path: Path):
     path = _moco_file(tmp_path, "# 2. encoder", "[augment.view2]\nblur_p = 0.1\n\n# 2. encoder")  # per-view: [augment]'s keys
     assert load_recipe(str(path))["augment"]["view2"] == {"blur_p": 0.1}
     # a method sslctl ships no recipe for (a plugin's): nothing to compare against, no check
