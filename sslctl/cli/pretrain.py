@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli._bounds import at_least
+
 
 def command(
     shards: Optional[str] = typer.Argument(
@@ -16,23 +18,23 @@ def command(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl."),
     variant: str = typer.Option("auto", "--variant", help="auto (the recipe's small variant for images <= 64 px), none, or a variant's name."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: section.key=value (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Shortcut for --set schedule.epochs=N."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (all processes together); shortcut for --set optim.batch_size=N. The lr is rescaled by the recipe's rule."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (the lr schedule still spans the recipe's epochs)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="Shortcut for --set schedule.epochs=N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=at_least(1), help="Global batch (all processes together); shortcut for --set optim.batch_size=N. The lr is rescaled by the recipe's rule."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", callback=at_least(1), help="Stop after this many steps (the lr schedule still spans the recipe's epochs)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue RUN_DIR/checkpoints/last.pt if present (same recipe required); never: refuse an existing run."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes per process (default: its cores - 1, at most 16)."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of initialisation, data order and augmentation."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="Data loader processes per process (default: its cores - 1, at most 16)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the method's modules (slow start, faster steps on GPUs)."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Write checkpoints/last.pt every N steps (and at every epoch end)."),
-    log_every: int = typer.Option(20, "--log-every", help="Write a metrics.jsonl line and a progress line every N steps (and at every epoch end)."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", callback=at_least(1), help="Write checkpoints/last.pt every N steps (and at every epoch end)."),
+    log_every: int = typer.Option(20, "--log-every", callback=at_least(1), help="Write a metrics.jsonl line and a progress line every N steps (and at every epoch end)."),
     monitor: Optional[str] = typer.Option(None, "--monitor", help="Online weighted-kNN monitor on this labelled split (bank: train split), written to metrics.jsonl."),
-    monitor_every: int = typer.Option(1, "--monitor-every", help="Run the --monitor every N epochs."),
+    monitor_every: int = typer.Option(1, "--monitor-every", callback=at_least(1), help="Run the --monitor every N epochs."),
     amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, where it measured faster)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
-    views: str = typer.Option("auto", "--views", help="How the views are made: per-image (torchvision, in the loader's workers), batch (a whole uint8 batch at once, in the workers), batch-on-device (a whole batch on the training device, in the training process), auto (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md."),
+    views: str = typer.Option("auto", "--views", help="How the views are made: per-image, batch, batch-on-device or auto (see above)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
+    nproc: int = typer.Option(1, "--nproc", callback=at_least(1), help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
@@ -40,16 +42,24 @@ def command(
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
     The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
-    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on the
-    CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on
+    the CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
 
-    Example:
+    --views says how the two (or more) views of an image are made: per-image (torchvision, in
+    the loader's workers), batch (a whole uint8 batch at once, in the workers),
+    batch-on-device (a whole batch on the training device, in the training process), or auto
+    (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in
+    docs/performance.md.
 
-        sslctl shard ~/data/fashion-mnist shards/ | sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+    Examples:
 
-        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
-
-        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4   (the same, torchrun started for you)
+    \b
+        sslctl shard ~/data/fashion-mnist shards/ |
+          sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr \\
+          --out runs/simclr --set optim.lr=0.5
+        # the same, with torchrun started for you:
+        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
