@@ -350,3 +350,18 @@ def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(tmp_pat
     teacher = predicted(fresh.teacher)  # the same frozen weights in both
     at_init, after = ((predicted(m) == teacher).float().mean().item() for m in (fresh, trained))
     assert after > at_init + 0.2, (at_init, after)
+
+
+def test_finetune_scores_val_when_the_shards_have_no_test_split(shards, source_run, tmp_path):
+    import shutil
+
+    images = shards.parent / "images"  # train/ and test/ class folders: make an ImageNet-style train/ val/
+    shutil.copytree(images / "train", tmp_path / "images" / "train")
+    shutil.copytree(images / "test", tmp_path / "images" / "val")
+    assert run_cli("shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--quiet", env=ENV).returncode == 0
+    out = tmp_path / "ft"
+    done = run_cli("finetune", str(source_run), str(tmp_path / "shards"), "--out", str(out), "--labels", "10%",
+                   "--max-steps", "1", "--workers", "0", "--set", "augment.crop_size=16", "--batch-size", "8", "--quiet",
+                   env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert any(r.get("eval_split") == "val" and 0 <= r["top1"] <= 100 for r in _metrics(out))

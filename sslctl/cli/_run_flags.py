@@ -7,11 +7,13 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli._bounds import at_least
+
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 RESUME = typer.Option("auto", "--resume", help="auto: continue the run directory's checkpoints/last.pt if present (same recipe required); never: refuse an existing run.")
-SEED = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation.")
-WORKERS = typer.Option(None, "--workers", help="Data loader processes per process (default: its cores - 1, at most 16).")
-MAX_STEPS = typer.Option(None, "--max-steps", help="Stop after this many steps (the lr schedule still spans the recipe's epochs).")
+SEED = typer.Option(0, "--seed", callback=at_least(0), help="Seed of initialisation, data order and augmentation.")
+WORKERS = typer.Option(None, "--workers", callback=at_least(0), help="Data loader processes per process (default: its cores - 1, at most 16).")
+MAX_STEPS = typer.Option(None, "--max-steps", callback=at_least(1), help="Stop after this many steps (the lr schedule still spans the recipe's epochs).")
 BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and for CPUs with native bf16, where it measured faster).")
 CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show).")
@@ -22,11 +24,11 @@ def set_flag(what: str = "the recipe") -> Optional[List[str]]:
 
 
 def epochs_flag(default: str = "") -> Optional[int]:
-    return typer.Option(None, "--epochs", help=f"Shortcut for --set schedule.epochs=N{default}.")
+    return typer.Option(None, "--epochs", callback=at_least(1), help=f"Shortcut for --set schedule.epochs=N{default}.")
 
 
 def batch_size_flag(default: str = "") -> Optional[int]:
-    return typer.Option(None, "--batch-size", help=f"Global batch (all processes together); shortcut for --set optim.batch_size=N{default}. The lr is rescaled by the recipe's rule.")
+    return typer.Option(None, "--batch-size", callback=at_least(1), help=f"Global batch (all processes together); shortcut for --set optim.batch_size=N{default}. The lr is rescaled by the recipe's rule.")
 
 
 def recipe_overrides(set_: Optional[List[str]], epochs: Optional[int], batch_size: Optional[int]) -> list[str]:

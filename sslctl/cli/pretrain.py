@@ -9,6 +9,7 @@ import typer
 
 from sslctl.cli import _run_flags as flags
 from sslctl.run_options import CHECKPOINT_EVERY, LOG_EVERY, RunOptions
+from sslctl.cli._bounds import at_least
 
 
 def command(
@@ -27,15 +28,15 @@ def command(
     seed: int = flags.SEED,
     workers: Optional[int] = flags.WORKERS,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the method's modules (slow start, faster steps on GPUs)."),
-    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, "--checkpoint-every", help="Write checkpoints/last.pt every N steps (and at every epoch end)."),
-    log_every: int = typer.Option(LOG_EVERY, "--log-every", help="Write a metrics.jsonl line and a progress line every N steps (and at every epoch end)."),
+    checkpoint_every: int = typer.Option(CHECKPOINT_EVERY, "--checkpoint-every", callback=at_least(1), help="Write checkpoints/last.pt every N steps (and at every epoch end)."),
+    log_every: int = typer.Option(LOG_EVERY, "--log-every", callback=at_least(1), help="Write a metrics.jsonl line and a progress line every N steps (and at every epoch end)."),
     monitor: Optional[str] = typer.Option(None, "--monitor", help="Online weighted-kNN monitor on this labelled split (bank: train split), written to metrics.jsonl."),
-    monitor_every: int = typer.Option(1, "--monitor-every", help="Run the --monitor every N epochs."),
+    monitor_every: int = typer.Option(1, "--monitor-every", callback=at_least(1), help="Run the --monitor every N epochs."),
     amp: Optional[bool] = flags.BF16,
     channels_last: Optional[bool] = flags.CHANNELS_LAST,
     views: str = typer.Option("auto", "--views", help="How the views are made, in the loader's workers: per-image (torchvision), batch (a whole uint8 batch at once), auto (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md."),
     quiet: bool = flags.QUIET,
-    nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
+    nproc: int = typer.Option(1, "--nproc", callback=at_least(1), help="Processes per node, started by torch.distributed.run (torchrun); one per GPU."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
@@ -43,16 +44,24 @@ def command(
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
     The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
-    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on the
-    CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+    share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on
+    the CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
 
-    Example:
+    --views says how the two (or more) views of an image are made: per-image (torchvision, in
+    the loader's workers), batch (a whole uint8 batch at once, in the workers),
+    batch-on-device (a whole batch on the training device, in the training process), or auto
+    (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in
+    docs/performance.md.
 
-        sslctl shard ~/data/fashion-mnist shards/ | sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+    Examples:
 
-        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
-
-        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4   (the same, torchrun started for you)
+    \b
+        sslctl shard ~/data/fashion-mnist shards/ |
+          sslctl pretrain --recipe moco_v2 --out runs/moco --epochs 50
+        torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr \\
+          --out runs/simclr --set optim.lr=0.5
+        # the same, with torchrun started for you:
+        sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
