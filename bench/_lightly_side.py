@@ -1,6 +1,6 @@
-"""lightly's side of bench/compare.py (PROTOCOLS.md B1/B2): MoCo v2, SimCLR, BYOL, SimSiam, Barlow
-Twins and VICReg written the way lightly's documentation examples write them (lightly
-examples/pytorch/moco.py, simclr.py, byol.py, simsiam.py, barlowtwins.py, vicreg.py): a
+"""lightly's side of bench/compare.py (docs/spec/protocols.md B1/B2): MoCo v2, SimCLR, BYOL,
+SimSiam, Barlow Twins and VICReg written the way lightly's documentation examples write them
+(lightly examples/pytorch/moco.py, simclr.py, byol.py, simsiam.py, barlowtwins.py, vicreg.py): a
 torchvision dataset with lightly's view transform, a plain DataLoader, the model as
 `backbone` + lightly heads (+ deep-copied momentum branch with `deactivate_requires_grad`),
 `update_momentum` at the start of a step, lightly's loss, SGD.

@@ -1,5 +1,5 @@
-"""sslctl beside lightly on the same work: PROTOCOLS.md B1 (throughput) and B2 (kNN after a
-fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR, BYOL, SimSiam, Barlow
+"""sslctl beside lightly on the same work: docs/spec/protocols.md B1 (throughput) and B2 (kNN after
+a fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR, BYOL, SimSiam, Barlow
 Twins and VICReg; AdCo (no lightly counterpart) beside sslctl's MoCo v2.
 
     pip install -e .[bench]                      # lightly (does not change torch)
@@ -94,7 +94,7 @@ SSLCTL_OVERRIDES = {
         "head.projector_last_bias=true", "head.predictor_last_bias=true",
         "augment.jitter_brightness=multiplicative", "augment.interpolation=bilinear",
     ],
-    "simsiam": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "optim.fixed_lr=[]", "augment.blur_p=0.0"],
+    "simsiam": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.fix_pred_lr=false", "augment.blur_p=0.0"],
     "barlow_twins": _COMMON + [
         "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.exclude_bn_bias=false", "loss.scale=1.0",
         "head.projector_last_bias=true", "augment.interpolation=bilinear",

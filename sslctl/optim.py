@@ -1,11 +1,12 @@
-"""Optimisers and schedules from a recipe's [optim] and [schedule] (METHODS.md §0.4, §0.5).
+"""Optimisers and schedules from a recipe's [optim] and [schedule] (docs/spec/methods.md §0.4, §0.5).
 
-- `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam.
-  `exclude_bn_bias` keeps 1-D parameters (BN weights/biases, biases) out of weight decay, and for
-  LARS out of the trust-ratio adaptation too (default: on for LARS, off for SGD / Adam).
-  `bias_lr_scale` runs the 1-D parameters at that multiple of the lr (Barlow Twins: 0.0048 / 0.2);
-  `fixed_lr` names modules whose lr stays at the peak, never warmed up or decayed (SimSiam's
-  predictor); `trust_clip` caps LARS's per-tensor lr at the global lr (LARC's clip mode).
+- `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam, over the
+  parameter groups a Method declares (`ParamGroup`). `exclude_bn_bias` keeps 1-D parameters (BN
+  weights/biases, biases) out of weight decay, and for LARS out of the trust-ratio adaptation too
+  (default: on for LARS, off for SGD / Adam). `bias_lr_scale` runs the 1-D parameters at that
+  multiple of the lr (Barlow Twins: 0.0048 / 0.2); a group declared `fixed_lr` stays at the peak
+  lr, never warmed up or decayed (SimSiam's predictor); `trust_clip` caps LARS's per-tensor lr at
+  the lr (LARC's clip mode).
 - `lr_at`: the lr of one step: linear warmup, then cosine (per step or per epoch), step decay at
   milestones, or constant. The loop writes it into the param groups with `set_lr` before
   `optimizer.step()`.
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -76,74 +77,77 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _named(params) -> list[tuple[str, nn.Parameter]]:
-    """A Method / module (its trainable parameters) or an iterable of (name, param) or params."""
+@dataclass
+class ParamGroup:
+    """Trainable parameters that the optimiser treats alike (Method.param_groups declares them).
+
+    A field left None follows [optim]: the recipe's `weight_decay`, and LARS's trust ratio on,
+    except that with `exclude_bn_bias` 1-D tensors (BN weights, biases) get neither."""
+
+    params: list[tuple[str, nn.Parameter]]  # (name, parameter); frozen ones are skipped
+    weight_decay: float | None = None  # 0.0: no weight decay (e.g. a ViT's pos_embed and cls_token)
+    adapt: bool | None = None  # False: kept out of LARS's trust ratio (e.g. a zero-initialised classifier)
+    fixed_lr: bool = False  # True: at the peak lr throughout, no warmup or decay (SimSiam's predictor)
+
+
+def declared_groups(params) -> list[ParamGroup]:
+    """A Method (its `param_groups()`), a module (one group), ParamGroups, or an iterable of
+    (name, param) pairs or bare parameters (one group)."""
     if isinstance(params, nn.Module):
-        items = list(params.named_parameters())
-    else:
-        items = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
-    return [(n, p) for n, p in items if p.requires_grad]
+        declared = getattr(params, "param_groups", None)
+        return declared() if callable(declared) else [ParamGroup(list(params.named_parameters()))]
+    items = list(params)
+    if items and all(isinstance(g, ParamGroup) for g in items):
+        return items
+    return [ParamGroup([p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(items)])]
 
 
-def _in_module(name: str, modules: tuple[str, ...]) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in modules)
+def build_optimizer(params, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
+    """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`, over
+    `params` as `declared_groups` reads them.
 
-
-def _param_groups(named: list[tuple[str, nn.Parameter]], optim_cfg: dict, exclude: bool) -> list[dict]:
-    """Parameters grouped by how they are optimised, in a fixed order (decayed before excluded,
-    scheduled before fixed), with only the groups that have members: [decayed, excluded 1-D]
-    with the default keys, as before these keys existed, so older checkpoints still load.
-
-    A group carries "lr_scale" (`bias_lr_scale`, on 1-D parameters) and "fixed_lr" (the modules in
-    `fixed_lr`) only where they differ from the defaults; `set_lr` reads them."""
-    wd = float(optim_cfg.get("weight_decay", 0.0))
-    bias_scale = float(optim_cfg.get("bias_lr_scale", 1.0))
-    fixed = tuple(optim_cfg.get("fixed_lr", ()))
-    unmatched = [m for m in fixed if not any(_in_module(n, (m,)) for n, _ in named)]
-    if unmatched:
-        modules = sorted({n.split(".")[0] for n, _ in named})
-        raise UserError(f"optim.fixed_lr = {list(fixed)}: {', '.join(map(repr, unmatched))} names no trainable module; "
-                        f"the method's modules are {', '.join(modules)}")
-    groups: dict[tuple[bool, bool, bool], dict] = {}
-    for name, p in named:
-        excluded, one_d, held = exclude and p.ndim <= 1, p.ndim <= 1, _in_module(name, fixed)
-        key = (excluded, one_d and bias_scale != 1.0, held)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if excluded else wd}
-            if excluded:
-                groups[key]["adapt"] = False
-            if key[1]:
-                groups[key]["lr_scale"] = bias_scale
-            if held:
-                groups[key]["fixed_lr"] = True
-        groups[key]["params"].append(p)
-    return [groups[key] for key in sorted(groups)]
-
-
-def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
-    """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`.
-
-    Parameters are split in groups (`_param_groups`): 1-D tensors (BN weights and biases, all
-    biases) and the rest, and those of `fixed_lr` modules apart. With `exclude_bn_bias` the 1-D
-    group gets no weight decay (and, for LARS, no trust ratio). Each group's "lr" is then
-    overwritten every step by the loop with `set_lr(optimizer, lr_at(...), peak)`."""
+    Each declared group becomes one or two param groups: its 1-D tensors (BN weights and biases,
+    all biases) go to a second one where [optim] treats them apart: with `exclude_bn_bias` without
+    weight decay (and, for LARS, without trust ratio), unless the declared group sets those itself;
+    with `bias_lr_scale` at that multiple of the lr ("lr_scale"). A `fixed_lr` group carries
+    "fixed_lr". Each group's "lr" is then overwritten every step by the loop with
+    `set_lr(optimizer, lr_at(...), peak_lr)`, which reads those two keys."""
     name = optim_cfg.get("name", "sgd")
+    wd = float(optim_cfg.get("weight_decay", 0.0))
     exclude = bool(optim_cfg.get("exclude_bn_bias", name == "lars"))
-    named = _named(method_or_named_params)
-    if not named:
+    bias_scale = float(optim_cfg.get("bias_lr_scale", 1.0))
+    groups = []
+    for declared in declared_groups(params):
+        trainable = [p for _, p in declared.params if p.requires_grad]
+
+        def options(one_d: bool) -> dict:
+            flat = exclude and one_d
+            opts = {"weight_decay": (0.0 if flat else wd) if declared.weight_decay is None else declared.weight_decay,
+                    "adapt": (not flat) if declared.adapt is None else declared.adapt}
+            if one_d and bias_scale != 1.0:
+                opts["lr_scale"] = bias_scale
+            if declared.fixed_lr:
+                opts["fixed_lr"] = True
+            return opts
+
+        one_d = [p.ndim <= 1 for p in trainable]
+        if not any(one_d) or options(False) == options(True):
+            parts = [(options(False), trainable)]
+        else:
+            parts = [(options(False), [p for p, f in zip(trainable, one_d) if not f]),
+                     (options(True), [p for p, f in zip(trainable, one_d) if f])]
+        groups += [{"params": ps, **opts} for opts, ps in parts if ps]
+    if not groups:
         raise UserError("the optimiser has no trainable parameters (every parameter has requires_grad=False)")
-    groups = _param_groups(named, optim_cfg, exclude)
     momentum = float(optim_cfg.get("momentum", 0.9))
-    if name == "sgd":
-        for g in groups:
-            g.pop("adapt", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)),
                     clip=bool(optim_cfg.get("trust_clip", False)))
+    for g in groups:
+        g.pop("adapt")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name in ("adamw", "adam"):
-        for g in groups:
-            g.pop("adapt", None)
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         betas = tuple(float(b) for b in optim_cfg.get("betas", (0.9, 0.999)))
         return cls(groups, lr=lr, betas=betas, eps=float(optim_cfg.get("eps", 1e-8)))

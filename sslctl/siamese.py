@@ -1,6 +1,6 @@
 """Parts shared by the two-branch methods (MoCo, AdCo, BYOL, SimSiam, Barlow Twins, VICReg): the
-momentum copy and its EMA, shuffle-BN for the key encoder (METHODS.md §0.6), SplitBatchNorm,
-zero-initialised residual branches, and the collapse signal.
+momentum copy and its EMA, shuffle-BN for the key encoder (docs/spec/methods.md §0.6),
+SplitBatchNorm, zero-initialised residual branches, and the collapse signal.
 
 Kept out of sslctl/methods/ because every module there is a method (methods.available())."""
 
@@ -16,6 +16,7 @@ from torch import nn
 from sslctl import distributed as dist
 from sslctl.encoders import build_encoder
 from sslctl.heads import from_config
+from sslctl.losses.similarity import cosine
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -84,19 +85,19 @@ def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
 
 
 @torch.no_grad()
-def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True) -> torch.Tensor:
-    """Key features with shuffle-BN (METHODS.md §0.6), L2-normalised, for the WHOLE global batch
-    in rank order (N x D), so callers need no second gather.
+def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True, similarity=cosine) -> torch.Tensor:
+    """Key features with shuffle-BN (docs/spec/methods.md §0.6), made into `similarity`'s form
+    (L2-normalised), for the WHOLE global batch in rank order (N x D), so callers need no second gather.
 
     Several processes: gather the images, draw a permutation on rank 0 and broadcast it, encode
     this rank's slice of the permuted batch, gather and undo the permutation. One process: shuffle
     within the batch (meaningful with SplitBatchNorm in the encoder)."""
     if not shuffle:
-        return dist.gather_no_grad(F.normalize(encoder(x), dim=1))
+        return dist.gather_no_grad(similarity(encoder(x)))
     x_all = dist.gather_no_grad(x)
     perm = dist.broadcast(torch.randperm(x_all.shape[0], device=x.device))
     mine = perm.view(dist.world_size(), -1)[dist.rank()]
-    k = dist.gather_no_grad(F.normalize(encoder(x_all[mine]), dim=1))
+    k = dist.gather_no_grad(similarity(encoder(x_all[mine])))
     return k[torch.argsort(perm)]
 
 

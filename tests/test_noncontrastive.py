@@ -186,21 +186,21 @@ def test_simsiam_step_is_the_symmetric_stop_gradient_loss():
 
 
 def test_simsiam_predictor_keeps_the_peak_lr_through_warmup_and_decay(mini_shards, tmp_path):
-    """The real engine's lr writer with the recipe's optim.fixed_lr = ["predictor"]: at a warmup
-    step and at a decayed step, the predictor's group has the peak lr, the others the schedule's."""
+    """The real engine's lr writer with the recipe's method.fix_pred_lr: at a warmup step and at a
+    decayed step, the predictor's group has the peak lr, the others the schedule's."""
+    from sslctl.run_options import RunOptions
     from sslctl.train import Engine
 
     cfg = load_recipe("simsiam", variant="small", overrides=["optim.batch_size=8", "schedule.epochs=4", "schedule.warmup_epochs=1",
                                                               "head.predictor_dim=64",
                                                               "head.projector_hidden=[64, 64]", "head.projector_dim=64"])
-    engine = Engine(mini_shards, cfg, tmp_path / "run", device="cpu", resume="never", seed=0, workers=0, compile=False,
-                    checkpoint_every=500, log_every=1, monitor_split=None, monitor_every=1, max_steps=None,
-                    channels_last=False, amp=False, recipe_file=None)
+    options = RunOptions(device="cpu", resume="never", seed=0, workers=0, log_every=1, channels_last=False, amp=False)
+    engine = Engine(mini_shards, cfg, tmp_path / "run", options)
     predictor = {id(p) for p in engine.method.predictor.parameters()}
     for step in (5, 3 * engine.total_steps // 4):  # in the warmup, in the cosine
         engine.step = step
-        engine._train_step(views(8))
-        scheduled = engine._lr(step)
+        engine.train_step(views(8))
+        scheduled = engine.lr(step)
         assert 0 < scheduled < engine.peak_lr
         for group in engine.optimizer.param_groups:
             held = {id(p) for p in group["params"]} <= predictor

@@ -30,6 +30,8 @@ from sslctl.siamese import embedding_std, encoder_and_projector
 
 
 class BarlowTwins(Method):
+    defaults = {"method": {"sync_bn": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("barlow_twins",))

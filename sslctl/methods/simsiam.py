@@ -7,9 +7,9 @@
 
 One network for both views, no momentum encoder, no negatives: the stop-gradient on z (inside
 `negative_cosine`) is what prevents collapse. Each view goes through the networks as its own
-batch, as in the official code (BN statistics per view). The optimiser is SGD with the
-predictor at the fixed peak lr (`optim.fixed_lr = ["predictor"]`, the code's --fix-pred-lr);
-the rest follows the cosine schedule.
+batch, as in the official code (BN statistics per view). The optimiser is SGD; with
+`method.fix_pred_lr` (the code's --fix-pred-lr) the predictor is a parameter group of its own at
+the fixed peak lr, the rest follows the cosine schedule.
 
 Deviations: cross-replica BN is `method.sync_bn` (the code converts every BN to SyncBN when
 distributed); the projector's last Linear has no bias (the code keeps a frozen one, which the
@@ -25,10 +25,13 @@ from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.losses.noncontrastive import negative_cosine
 from sslctl.methods.base import Method, expect
+from sslctl.optim import ParamGroup
 from sslctl.siamese import embedding_std, encoder_and_projector, use_sync_bn
 
 
 class SimSiam(Method):
+    defaults = {"method": {"sync_bn": False, "fix_pred_lr": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("negative_cosine",))
@@ -39,6 +42,12 @@ class SimSiam(Method):
                             f"{head['projector_dim']}: SimSiam compares each view's prediction with the other's projection")
         self.backbone, self.projector = encoder_and_projector(cfg)
         self.predictor = use_sync_bn(from_config(int(head["projector_dim"]), head, "predictor"), bool(cfg["method"]["sync_bn"]))
+        self.fix_pred_lr = bool(cfg["method"]["fix_pred_lr"])
+
+    def param_groups(self) -> list[ParamGroup]:
+        if not self.fix_pred_lr:
+            return super().param_groups()
+        return self.param_groups_apart(lambda name: name.startswith("predictor."), fixed_lr=True)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views

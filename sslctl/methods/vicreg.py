@@ -29,6 +29,8 @@ from sslctl.siamese import embedding_std, encoder_and_projector
 
 
 class VICReg(Method):
+    defaults = {"method": {"sync_bn": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("vicreg",))
