@@ -1,6 +1,7 @@
-"""lightly's side of bench/compare.py (PROTOCOLS.md B1/B2): MoCo v2, SimCLR, BYOL and DINO written
-the way lightly's documentation examples write them (lightly examples/pytorch/moco.py, simclr.py,
-byol.py, dino.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
+"""lightly's side of bench/compare.py (docs/spec/protocols.md B1/B2): MoCo v2, SimCLR, BYOL,
+SimSiam, Barlow Twins, VICReg and DINO written the way lightly's documentation examples write
+them (lightly examples/pytorch/moco.py, simclr.py, byol.py, simsiam.py, barlowtwins.py,
+vicreg.py, dino.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
 `backbone` + lightly heads (+ deep-copied momentum branch with `deactivate_requires_grad`),
 `update_momentum` at the start of a step, lightly's loss, SGD.
 
@@ -13,14 +14,20 @@ gets through `--set` in compare.py (see SSLCTL_OVERRIDES there):
   SimCLR     SimCLRProjectionHead(512, 512, 128), NTXentLoss(0.5), views through the backbone apart
   BYOL       BYOLProjectionHead(512, 4096, 256) / BYOLPredictionHead(256, 4096, 256),
              NegativeCosineSimilarity, tau = cosine_schedule(step, .., 0.99, 1)
+  SimSiam    SimSiamProjectionHead(512, 2048, 2048) / SimSiamPredictionHead(2048, 512, 2048),
+             NegativeCosineSimilarity on detached z (sslctl's small variant's heads; the example's
+             are 512 / 128 wide)
+  Barlow T.  BarlowTwinsProjectionHead(512, 2048, 2048), BarlowTwinsLoss(lambda 0.0051)
+  VICReg     VICRegProjectionHead(512, 2048, 2048, num_layers=3), VICRegLoss() (25, 25, 1)
   DINO       DINOProjectionHead(D, 2048, 256, 4096, freeze_last_layer=1) for student and teacher,
              DINOLoss(4096), m = cosine_schedule(step, .., 0.996, 1); each view through the
              networks apart (the example's lists); `dino`: the ResNet-18 above, `dino_vit`: timm's
              vit_tiny_patch16_224 at 32 px, patch 4, dynamic_img_size (built by sslctl's encoders,
              the same call as sslctl's side)
-  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform at 32 px,
-             scale 0.08-1, no blur; DINOTransform with 2 x 32 px (0.08-1) + 4 x 16 px (0.05-0.4)
-             crops, no blur; Fashion-MNIST's gray replicated to RGB first
+  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform (BYOL, Barlow
+             Twins) / SimSiamTransform / VICRegTransform(scale 0.2-1, solarize 0.1) at 32 px,
+             scale 0.08-1 unless stated, no blur; DINOTransform with 2 x 32 px (0.08-1) + 4 x 16 px
+             (0.05-0.4) crops, no blur; Fashion-MNIST's gray replicated to RGB first
 
 Run as a script it trains and writes a JSON record (per-step times, loader waits, losses) and the
 backbone as an sslctl encoder.safetensors, so both libraries are evaluated by the same code.
@@ -43,18 +50,20 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss  # noqa: E402
+from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss  # noqa: E402
 from lightly.models.modules import (  # noqa: E402
-    BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MoCoProjectionHead, SimCLRProjectionHead,
+    BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MoCoProjectionHead,
+    SimCLRProjectionHead, SimSiamPredictionHead, SimSiamProjectionHead, VICRegProjectionHead,
 )
 from lightly.models.utils import deactivate_requires_grad, update_momentum  # noqa: E402
 from lightly.transforms import (  # noqa: E402
     BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform, MoCoV2Transform, SimCLRTransform,
+    SimSiamTransform, VICRegTransform,
 )
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 from lightly.utils.scheduler import cosine_schedule  # noqa: E402
 
-METHODS = ("moco_v2", "simclr", "byol", "dino", "dino_vit")
+METHODS = ("moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 128, 0.06, 0.9, 5e-4
 IMAGE_SIZE = 32
 DINO_PROTOTYPES, DINO_LOCAL_SIZE, DINO_LOCAL_VIEWS = 4096, 16, 4
@@ -117,6 +126,29 @@ class BYOL(nn.Module):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
 
+class SimSiam(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimSiamProjectionHead(512, 2048, 2048)
+        self.prediction_head = SimSiamPredictionHead(2048, 512, 2048)
+
+    def forward(self, x):
+        z = self.projection_head(self.backbone(x).flatten(start_dim=1))
+        return z.detach(), self.prediction_head(z)
+
+
+class Projected(nn.Module):
+    """Barlow Twins, VICReg: backbone + one projection head, the loss on its output."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.projection_head = backbone, head
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
 class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int):
         super().__init__()
@@ -164,9 +196,21 @@ class Setup:
             self.model = SimCLR(backbone)
             self.criterion = NTXentLoss(temperature=0.5)
             self.transform = SimCLRTransform(input_size=IMAGE_SIZE, cj_strength=0.5, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)
-        else:
-            self.model = BYOL(backbone)
+        elif method == "simsiam":
+            self.model = SimSiam(backbone)
             self.criterion = NegativeCosineSimilarity()
+            self.transform = SimSiamTransform(input_size=IMAGE_SIZE, min_scale=0.08, gaussian_blur=0.0)
+        elif method == "vicreg":
+            self.model = Projected(backbone, VICRegProjectionHead(512, 2048, 2048, num_layers=3))
+            self.criterion = VICRegLoss()
+            self.transform = VICRegTransform(input_size=IMAGE_SIZE, min_scale=0.2, solarize_prob=0.1, gaussian_blur=0.0)
+        else:  # BYOL, Barlow Twins: BYOL's asymmetric views
+            if method == "byol":
+                self.model = BYOL(backbone)
+                self.criterion = NegativeCosineSimilarity()
+            else:
+                self.model = Projected(backbone, BarlowTwinsProjectionHead(512, 2048, 2048))
+                self.criterion = BarlowTwinsLoss(lambda_param=0.0051)
             self.transform = BYOLTransform(
                 view_1_transform=BYOLView1Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
                 view_2_transform=BYOLView2Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
@@ -180,9 +224,12 @@ class Setup:
             update_momentum(model.backbone, model.backbone_momentum, m=0.99)
             update_momentum(model.projection_head, model.projection_head_momentum, m=0.99)
             return criterion(model(x_query), model.forward_momentum(x_key))
-        if self.method == "simclr":
+        if self.method in ("simclr", "barlow_twins", "vicreg"):
             x0, x1 = views
             return criterion(model(x0), model(x1))
+        if self.method == "simsiam":
+            (z0, p0), (z1, p1) = model(views[0]), model(views[1])
+            return 0.5 * (criterion(z0, p1) + criterion(z1, p0))
         if self.method in ("dino", "dino_vit"):
             m = cosine_schedule(step, self.total_steps + 1, 0.996, 1.0)
             update_momentum(model.student_backbone, model.teacher_backbone, m=m)

@@ -1,12 +1,14 @@
-"""sslctl beside lightly on the same work: PROTOCOLS.md B1 (throughput) and B2 (kNN after a
-fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR, BYOL and DINO (ResNet-18
-`dino`, ViT-Tiny `dino_vit`); AdCo (no lightly counterpart) beside sslctl's MoCo v2.
+"""sslctl beside lightly on the same work: docs/spec/protocols.md B1 (throughput) and B2 (kNN after
+a fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR, BYOL, SimSiam, Barlow
+Twins, VICReg and DINO (ResNet-18 `dino`, ViT-Tiny `dino_vit`); AdCo (no lightly counterpart)
+beside sslctl's MoCo v2.
 
     pip install -e .[bench]                      # lightly (does not change torch)
     python bench/compare.py --protocol b1        # 30 steps after 3 warm-up, 3 repeats
     python bench/compare.py --protocol b2        # 300 steps, then kNN (k=200/T=0.1, k=20/T=0.07)
     python bench/compare.py --protocol b2-wall --minutes 10
     python bench/compare.py --protocol b1 --methods moco_v2 --steps 6 --warmup 2 --repeats 1   # smoke
+    python bench/compare.py --protocol b1 --methods simsiam,barlow_twins,vicreg                # B1, new methods
 
 Both libraries train the same model (torchvision resnet18, small stem, fc removed; for dino_vit
 timm's vit_tiny_patch16_224 at 32 px with 4-px patches), batch (128
@@ -57,8 +59,8 @@ import peak_flops  # noqa: E402
 
 BATCH = 128
 STEPS_PER_EPOCH = 60000 // BATCH  # Fashion-MNIST train, whole batches
-LIGHTLY_METHODS = ("moco_v2", "simclr", "byol", "dino", "dino_vit")
-ALL_METHODS = ("moco_v2", "simclr", "byol", "adco", "dino", "dino_vit")
+LIGHTLY_METHODS = ("moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
+ALL_METHODS = ("moco_v2", "simclr", "byol", "adco", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
 RECIPE = {"dino_vit": "dino"}  # a bench method -> the sslctl recipe it runs
 VIEW_SIZES = {"dino": [32, 32, 16, 16, 16, 16], "dino_vit": [32, 32, 16, 16, 16, 16]}  # default: 2 x 32 px
 KNN = ((200, 0.1), (20, 0.07))
@@ -79,6 +81,10 @@ _COMMON = [
 #  - MoCo/AdCo: lightly's example has no shuffle-BN (one process, plain BN in both encoders).
 #  - SimCLR: lightly's example runs a forward per view (BN statistics per view); sslctl's recipe
 #    puts both views through the backbone as one batch (the TF code), so the parity run unfuses.
+#  - SimSiam: the protocol's SGD on every parameter, so no fixed predictor lr (lightly's example
+#    has none). Barlow Twins / VICReg: the protocol's SGD instead of the recipes' LARS, no loss
+#    scale (solo-learn's 0.1 in the small variant), VICReg's variance weight 25 on the paper's
+#    averaged hinge (lightly's, and the recipe's top level), bilinear crops.
 #  - DINO: sslctl's student takes the crops of one size as one batch (the official
 #    MultiCropWrapper), lightly's example a forward per view: the same FLOPs, BN statistics over
 #    both global crops (ResNet) instead of per crop. The head, prototypes, 2 + 4 crops, momentum
@@ -96,6 +102,15 @@ SSLCTL_OVERRIDES = {
         "optim.lr=0.015", "optim.weight_decay=2e-3", "optim.exclude_bn_bias=false",
         "head.projector_last_bias=true", "head.predictor_last_bias=true",
         "augment.jitter_brightness=multiplicative", "augment.interpolation=bilinear",
+    ],
+    "simsiam": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.fix_pred_lr=false", "augment.blur_p=0.0"],
+    "barlow_twins": _COMMON + [
+        "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.exclude_bn_bias=false", "loss.scale=1.0",
+        "head.projector_last_bias=true", "augment.interpolation=bilinear",
+    ],
+    "vicreg": _COMMON + [
+        "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.exclude_bn_bias=false", "loss.std_coeff=25.0",
+        "head.projector_last_bias=true", "augment.interpolation=bilinear",
     ],
 }
 _DINO = _COMMON + [
@@ -487,7 +502,7 @@ def prepare(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", choices=("b1", "b2", "b2-wall"), default="b1")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list of moco_v2, simclr, byol, adco, dino, dino_vit")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
     ap.add_argument("--libraries", default="sslctl,lightly")
     ap.add_argument("--steps", type=int, default=None, help="b1: timed steps (30); b2: training steps (300)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (b1), or left out of images/s (b2)")

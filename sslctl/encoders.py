@@ -9,7 +9,7 @@ strict=True into `torchvision.models.<name>()` after `apply_small_stem` (if used
 `timm:NAME` is any timm model, built as `timm.create_model(NAME, num_classes=0, **options)`:
 its forward is already the pooled representation (for a ViT the class token after the final
 norm) and its state_dict loads strictly into that same call. The options are the [encoder]
-keys other than `name` and `small_stem` (img_size, patch_size, drop_path_rate,
+keys other than `name`, `small_stem` and `zero_init_residual` (img_size, patch_size, drop_path_rate,
 dynamic_img_size, ...); they are saved in encoder.safetensors so `load_encoder` rebuilds the
 same net. timm is an extra (`pip install 'sslctl[timm]'`).
 
@@ -36,16 +36,14 @@ CUSTOM["cpc_resnet"] = "sslctl.nets.cpc:CPCEncoder"
 _CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
 TIMM = "timm:"  # encoder.name prefix of a timm model
-SSLCTL_KEYS = ("name", "small_stem")  # [encoder] keys sslctl reads itself; the others are the net's options
+# [encoder] keys sslctl reads itself; the others are the net's options
+SSLCTL_KEYS = ("name", "small_stem", "zero_init_residual")
 # torchvision builders take a few options of their model class (by the builder's module)
-TORCHVISION_OPTIONS = {
-    "torchvision.models.vision_transformer": ("image_size",),
-    "torchvision.models.resnet": ("zero_init_residual",),
-}
+TORCHVISION_OPTIONS = {"torchvision.models.vision_transformer": ("image_size",)}
 
 
 def apply_small_stem(model: nn.Module) -> nn.Module:
-    """CIFAR stem (METHODS.md §0.3): 3x3 stride-1 conv1 with 64 channels and no max-pool."""
+    """CIFAR stem (docs/spec/methods.md §0.3): 3x3 stride-1 conv1 with 64 channels and no max-pool."""
     if not isinstance(getattr(model, "conv1", None), nn.Conv2d) or not hasattr(model, "maxpool"):
         raise UserError(f"encoder.small_stem = true applies to ResNets only; {type(model).__name__} has no conv1/maxpool: "
                         "set --set encoder.small_stem=false (a ViT adapts to small images through its patch size)")
@@ -215,8 +213,22 @@ def encoder_options(section: dict) -> dict:
 
 
 def build_encoder(section: dict) -> nn.Module:
-    """The backbone a recipe's [encoder] section names, with its options (`encoder_options`)."""
-    return build_backbone(section["name"], bool(section.get("small_stem", False)), **encoder_options(section))
+    """The backbone a recipe's [encoder] section names, with its options (`encoder_options`), its
+    residual blocks zero-initialised when `zero_init_residual`."""
+    model = build_backbone(section["name"], bool(section.get("small_stem", False)), **encoder_options(section))
+    return zero_init_residual(model) if section.get("zero_init_residual", False) else model
+
+
+def zero_init_residual(backbone: nn.Module) -> nn.Module:
+    """torchvision's `zero_init_residual=True` on a built network (SimSiam, Barlow Twins and VICReg
+    build their ResNets so): the last BN of every residual block starts with weight 0, so each
+    block starts as the identity. Networks without torchvision ResNet blocks are left alone."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for m in backbone.modules():
+        if isinstance(m, (Bottleneck, BasicBlock)):
+            nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+    return backbone
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

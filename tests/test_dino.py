@@ -6,6 +6,7 @@ tests/test_train.py; the short learning run: tests/test_short_runs_vit.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from sslctl.methods import Progress, build_method
 from sslctl.methods.dino import WeightNormLinear, teacher_temperature
 from sslctl.optim import cosine_tau, weight_decay_at
 from sslctl.recipes import load_recipe
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed: pip install -e .[timm]")
 
 B, K = 4, 64
 SMALL = ["head.prototypes=64", "head.projector_hidden=[32, 32]", "head.projector_dim=16"]
@@ -148,6 +151,7 @@ def test_loss_equals_the_formula_on_the_networks_outputs():
     torch.testing.assert_close(m.center, 0.9 * center0 + 0.1 * teacher.mean(0, keepdim=True))
 
 
+@needs_timm
 def test_vit_teacher_is_built_without_drop_path_and_starts_as_the_student():
     m = dino("encoder.name=timm:vit_tiny_patch16_224", "encoder.small_stem=false", "encoder.img_size=16",
              "encoder.patch_size=4", "encoder.depth=2", "encoder.drop_path_rate=0.5")
@@ -199,6 +203,7 @@ def test_recipe_variants_build():
     assert load_recipe("dino", variant="resnet50")["optim"]["name"] == "sgd"
 
 
+@needs_timm
 def test_engine_writes_the_weight_decay_schedule(mini_shards, tmp_path):
     """Through the real loop: after 3 steps the decayed group holds DINO's cosine weight decay."""
     from sslctl.train import pretrain

@@ -5,6 +5,7 @@ projection and sin-cos position embedding of the ViT. Tiny real networks: second
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -16,6 +17,8 @@ from sslctl.methods import Progress, build_method
 from sslctl.methods.mocov3 import sincos_position_embedding
 from sslctl.optim import build_optimizer, cosine_tau
 from sslctl.recipes import load_recipe
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed: pip install -e .[timm]")
 
 B = 4
 HEADS = ["head.projector_hidden=[32]", "head.predictor_hidden=[32]", "head.projector_dim=16", "head.predictor_dim=16"]
@@ -85,6 +88,7 @@ def test_momentum_encoder_is_a_frozen_copy_without_predictor_and_gets_no_gradien
     assert out["z_std"].item() > 0
 
 
+@needs_timm
 def test_heads_are_the_official_mlps():
     def layout(seq):
         return [(type(l).__name__, getattr(l, "bias", None) is not None, getattr(l, "affine", None)) for l in seq]
@@ -101,6 +105,7 @@ def test_heads_are_the_official_mlps():
     assert full["encoder"]["num_heads"] == 12 and full["head"]["projector_hidden"] == [4096, 4096]
 
 
+@needs_timm
 def test_vit_patch_projection_is_random_frozen_and_gets_no_gradient():
     m = mocov3(variant="none")
     proj = m.backbone.patch_embed.proj
@@ -117,6 +122,7 @@ def test_vit_patch_projection_is_random_frozen_and_gets_no_gradient():
     assert torch.equal(key_proj.weight, proj.weight)  # the key encoder has the same random projection
 
 
+@needs_timm
 def test_vit_position_embedding_is_the_fixed_2d_sin_cos_one():
     m = mocov3(variant="none")
     pos = m.backbone.pos_embed
@@ -127,7 +133,7 @@ def test_vit_position_embedding_is_the_fixed_2d_sin_cos_one():
     for m_idx in (0, 5, 15):  # patch m: the first quarter encodes m // 4, the third m % 4
         torch.testing.assert_close(pos[0, 1 + m_idx, :12], torch.sin((m_idx // 4) * omega))
         torch.testing.assert_close(pos[0, 1 + m_idx, 24:36], torch.sin((m_idx % 4) * omega))
-    timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e .[timm]")
+    import timm
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=0, **m.backbone.options)
     assert list(plain.state_dict()) == list(m.backbone.state_dict())  # the export still loads into timm
 
