@@ -123,6 +123,20 @@ def test_encoder_options_beyond_the_recipe_keys_are_for_timm_and_torchvision_vit
         load_recipe("byol", overrides=["encoder.smal_stem=true"])
 
 
+def test_a_recipe_file_may_hold_the_encoders_options_as_set_may(tmp_path):
+    from sslctl.paths import RECIPES_DIR
+
+    shipped = (RECIPES_DIR / "moco_v2.toml").read_text()
+    assert '[encoder]\nname = "resnet50"\n' in shipped
+    vit = tmp_path / "moco_vit.toml"
+    vit.write_text(shipped.replace('[encoder]\nname = "resnet50"\n', f'[encoder]\nname = "{VIT}"\nimg_size = 32\npatch_size = 4\n'))
+    assert load_recipe(vit, variant="none")["encoder"]["patch_size"] == 4
+    bad = tmp_path / "moco_resnet.toml"
+    bad.write_text(shipped.replace('[encoder]\nname = "resnet50"\n', '[encoder]\nname = "resnet50"\nimg_size = 32\n'))
+    with pytest.raises(UserError, match="unknown key 'encoder.img_size' \\(from the file\\).*for timm models"):
+        load_recipe(bad, variant="none")
+
+
 VIT_SET = [f"encoder.name={VIT}", "encoder.img_size=16", "encoder.patch_size=4", "encoder.depth=1",
            "encoder.small_stem=false", "augment.crop_size=16", "optim.batch_size=8"]
 SMALL = {  # keep the methods' own buffers small
@@ -130,7 +144,8 @@ SMALL = {  # keep the methods' own buffers small
     "swav": ["head.prototypes=16", "method.queue_size=0", "augment.extra_crop_size=8"],
     "dino": ["head.prototypes=64"],
 }
-ACCEPT = ["adco", "byol", "dino", "moco_v1", "moco_v2", "mocov3", "simclr", "simclr_v2", "swav"]
+ACCEPT = ["adco", "barlow_twins", "byol", "dino", "moco_v1", "moco_v2", "mocov3", "simclr", "simclr_v2", "simsiam", "swav",
+          "vicreg"]
 REFUSE = {
     "amdim": "AMDIM / YADIM compare the feature maps",
     "yadim": "AMDIM / YADIM compare the feature maps",
@@ -155,6 +170,15 @@ def test_recipe_takes_a_vit(recipe):
     out = m.training_step(views)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and m.backbone.cls_token.grad is not None
+
+
+def test_zero_init_residual_of_the_imagenet_recipes_leaves_a_vit_alone():
+    """SimSiam's, Barlow Twins' and VICReg's top levels zero-initialise torchvision residual
+    blocks (encoder.zero_init_residual); with a timm ViT the key is sslctl's, not passed to timm."""
+    cfg = load_recipe("vicreg", overrides=VIT_SET + ["head.projector_hidden=[32, 32]", "head.projector_dim=32"])
+    assert cfg["encoder"]["zero_init_residual"] is True
+    m = build_method(cfg)
+    assert type(m.backbone).__name__ == "VisionTransformer" and "zero_init_residual" not in m.backbone.options
 
 
 @pytest.mark.parametrize("recipe", sorted(REFUSE))
