@@ -1,6 +1,7 @@
-"""lightly's side of bench/compare.py (docs/spec/protocols.md B1/B2): MoCo v2, SimCLR and BYOL written the
-way lightly's documentation examples write them (lightly examples/pytorch/moco.py, simclr.py,
-byol.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
+"""lightly's side of bench/compare.py (docs/spec/protocols.md B1/B2): MoCo v2, SimCLR, BYOL,
+SimSiam, Barlow Twins, VICReg and DINO written the way lightly's documentation examples write
+them (lightly examples/pytorch/moco.py, simclr.py, byol.py, simsiam.py, barlowtwins.py,
+vicreg.py, dino.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
 `backbone` + lightly heads (+ deep-copied momentum branch with `deactivate_requires_grad`),
 `update_momentum` at the start of a step, lightly's loss, SGD.
 
@@ -13,8 +14,20 @@ gets through `--set` in compare.py (see SSLCTL_OVERRIDES there):
   SimCLR     SimCLRProjectionHead(512, 512, 128), NTXentLoss(0.5), views through the backbone apart
   BYOL       BYOLProjectionHead(512, 4096, 256) / BYOLPredictionHead(256, 4096, 256),
              NegativeCosineSimilarity, tau = cosine_schedule(step, .., 0.99, 1)
-  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform at 32 px,
-             scale 0.08-1, no blur; Fashion-MNIST's gray replicated to RGB first
+  SimSiam    SimSiamProjectionHead(512, 2048, 2048) / SimSiamPredictionHead(2048, 512, 2048),
+             NegativeCosineSimilarity on detached z (sslctl's small variant's heads; the example's
+             are 512 / 128 wide)
+  Barlow T.  BarlowTwinsProjectionHead(512, 2048, 2048), BarlowTwinsLoss(lambda 0.0051)
+  VICReg     VICRegProjectionHead(512, 2048, 2048, num_layers=3), VICRegLoss() (25, 25, 1)
+  DINO       DINOProjectionHead(D, 2048, 256, 4096, freeze_last_layer=1) for student and teacher,
+             DINOLoss(4096), m = cosine_schedule(step, .., 0.996, 1); each view through the
+             networks apart (the example's lists); `dino`: the ResNet-18 above, `dino_vit`: timm's
+             vit_tiny_patch16_224 at 32 px, patch 4, dynamic_img_size (built by sslctl's encoders,
+             the same call as sslctl's side)
+  views      MoCoV2Transform / SimCLRTransform(cj_strength 0.5) / BYOLTransform (BYOL, Barlow
+             Twins) / SimSiamTransform / VICRegTransform(scale 0.2-1, solarize 0.1) at 32 px,
+             scale 0.08-1 unless stated, no blur; DINOTransform with 2 x 32 px (0.08-1) + 4 x 16 px
+             (0.05-0.4) crops, no blur; Fashion-MNIST's gray replicated to RGB first
 
 Run as a script it trains and writes a JSON record (per-step times, loader waits, losses) and the
 backbone as an sslctl encoder.safetensors, so both libraries are evaluated by the same code.
@@ -37,16 +50,24 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightly.loss import NegativeCosineSimilarity, NTXentLoss  # noqa: E402
-from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead, SimCLRProjectionHead  # noqa: E402
+from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss  # noqa: E402
+from lightly.models.modules import (  # noqa: E402
+    BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MoCoProjectionHead,
+    SimCLRProjectionHead, SimSiamPredictionHead, SimSiamProjectionHead, VICRegProjectionHead,
+)
 from lightly.models.utils import deactivate_requires_grad, update_momentum  # noqa: E402
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, MoCoV2Transform, SimCLRTransform  # noqa: E402
+from lightly.transforms import (  # noqa: E402
+    BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform, MoCoV2Transform, SimCLRTransform,
+    SimSiamTransform, VICRegTransform,
+)
 from lightly.transforms.utils import IMAGENET_NORMALIZE  # noqa: E402
 from lightly.utils.scheduler import cosine_schedule  # noqa: E402
 
-METHODS = ("moco_v2", "simclr", "byol")
+METHODS = ("moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
 BATCH, LR, MOMENTUM, WEIGHT_DECAY = 128, 0.06, 0.9, 5e-4
 IMAGE_SIZE = 32
+DINO_PROTOTYPES, DINO_LOCAL_SIZE, DINO_LOCAL_VIEWS = 4096, 16, 4
+VIT = ("timm:vit_tiny_patch16_224", {"img_size": IMAGE_SIZE, "patch_size": 4, "dynamic_img_size": True})
 
 
 # ---------------------------------------------------------------------------------- models
@@ -105,6 +126,46 @@ class BYOL(nn.Module):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
 
+class SimSiam(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimSiamProjectionHead(512, 2048, 2048)
+        self.prediction_head = SimSiamPredictionHead(2048, 512, 2048)
+
+    def forward(self, x):
+        z = self.projection_head(self.backbone(x).flatten(start_dim=1))
+        return z.detach(), self.prediction_head(z)
+
+
+class Projected(nn.Module):
+    """Barlow Twins, VICReg: backbone + one projection head, the loss on its output."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.projection_head = backbone, head
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
+class DINO(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int):
+        super().__init__()
+        self.student_backbone = backbone
+        self.student_head = DINOProjectionHead(dim, 2048, 256, DINO_PROTOTYPES, freeze_last_layer=1)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = DINOProjectionHead(dim, 2048, 256, DINO_PROTOTYPES)  # as the example: its own init
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+
+    def forward(self, x):
+        return self.student_head(self.student_backbone(x).flatten(start_dim=1))
+
+    def forward_teacher(self, x):
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
+
+
 class Setup:
     """One method's model, loss, transform and step, plus the torchvision resnet whose modules the
     backbone shares (what gets exported)."""
@@ -115,7 +176,19 @@ class Setup:
         self.method, self.total_steps = method, total_steps
         self.resnet = resnet18_small()
         backbone = nn.Sequential(*list(self.resnet.children())[:-1])
-        if method == "moco_v2":
+        if method == "dino_vit":
+            from sslctl.encoders import build_backbone
+
+            self.resnet = backbone = build_backbone(VIT[0], **VIT[1])  # what gets exported: the ViT itself
+        if method in ("dino", "dino_vit"):
+            self.model = DINO(backbone, 512 if method == "dino" else backbone.feature_dim)
+            self.criterion = DINOLoss(output_dim=DINO_PROTOTYPES)
+            self.transform = DINOTransform(
+                global_crop_size=IMAGE_SIZE, global_crop_scale=(0.08, 1.0), local_crop_size=DINO_LOCAL_SIZE,
+                local_crop_scale=(0.05, 0.4), n_local_views=DINO_LOCAL_VIEWS, gaussian_blur=(0.0, 0.0, 0.0),
+                normalize=IMAGENET_NORMALIZE,
+            )
+        elif method == "moco_v2":
             self.model = MoCo(backbone)
             self.criterion = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
             self.transform = MoCoV2Transform(input_size=IMAGE_SIZE, min_scale=0.08, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)
@@ -123,9 +196,21 @@ class Setup:
             self.model = SimCLR(backbone)
             self.criterion = NTXentLoss(temperature=0.5)
             self.transform = SimCLRTransform(input_size=IMAGE_SIZE, cj_strength=0.5, gaussian_blur=0.0, normalize=IMAGENET_NORMALIZE)
-        else:
-            self.model = BYOL(backbone)
+        elif method == "simsiam":
+            self.model = SimSiam(backbone)
             self.criterion = NegativeCosineSimilarity()
+            self.transform = SimSiamTransform(input_size=IMAGE_SIZE, min_scale=0.08, gaussian_blur=0.0)
+        elif method == "vicreg":
+            self.model = Projected(backbone, VICRegProjectionHead(512, 2048, 2048, num_layers=3))
+            self.criterion = VICRegLoss()
+            self.transform = VICRegTransform(input_size=IMAGE_SIZE, min_scale=0.2, solarize_prob=0.1, gaussian_blur=0.0)
+        else:  # BYOL, Barlow Twins: BYOL's asymmetric views
+            if method == "byol":
+                self.model = BYOL(backbone)
+                self.criterion = NegativeCosineSimilarity()
+            else:
+                self.model = Projected(backbone, BarlowTwinsProjectionHead(512, 2048, 2048))
+                self.criterion = BarlowTwinsLoss(lambda_param=0.0051)
             self.transform = BYOLTransform(
                 view_1_transform=BYOLView1Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
                 view_2_transform=BYOLView2Transform(input_size=IMAGE_SIZE, gaussian_blur=0.0),
@@ -139,9 +224,19 @@ class Setup:
             update_momentum(model.backbone, model.backbone_momentum, m=0.99)
             update_momentum(model.projection_head, model.projection_head_momentum, m=0.99)
             return criterion(model(x_query), model.forward_momentum(x_key))
-        if self.method == "simclr":
+        if self.method in ("simclr", "barlow_twins", "vicreg"):
             x0, x1 = views
             return criterion(model(x0), model(x1))
+        if self.method == "simsiam":
+            (z0, p0), (z1, p1) = model(views[0]), model(views[1])
+            return 0.5 * (criterion(z0, p1) + criterion(z1, p0))
+        if self.method in ("dino", "dino_vit"):
+            m = cosine_schedule(step, self.total_steps + 1, 0.996, 1.0)
+            update_momentum(model.student_backbone, model.teacher_backbone, m=m)
+            update_momentum(model.student_head, model.teacher_head, m=m)
+            teacher_out = [model.forward_teacher(view) for view in views[:2]]
+            student_out = [model(view) for view in views]
+            return criterion(teacher_out, student_out, epoch=0)
         x0, x1 = views
         # cosine_schedule divides by max_steps - 1: total + 1 gives sslctl's cos(pi k / K) exactly
         tau = cosine_schedule(step, self.total_steps + 1, 0.99, 1.0)
@@ -150,6 +245,11 @@ class Setup:
         p0, z0 = model(x0), model.forward_momentum(x0)
         p1, z1 = model(x1), model.forward_momentum(x1)
         return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+
+    def after_backward(self) -> None:
+        """The example's step between backward and optimizer.step (DINO: the frozen last layer)."""
+        if self.method in ("dino", "dino_vit"):
+            self.model.student_head.cancel_last_layer_gradients(current_epoch=0)
 
     def lr(self, step: int) -> float:
         return cosine_schedule(step, self.total_steps + 1, LR * BATCH / 128, 0.0)
@@ -213,6 +313,7 @@ def train(args) -> dict:
                 group["lr"] = setup.lr(step)
             loss = setup.loss(views, step)
             loss.backward()
+            setup.after_backward()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(float(loss.detach()))  # one host sync per step, as sslctl's loop
@@ -235,10 +336,11 @@ def export(setup: Setup, path: Path) -> Path:
     from sslctl.encoder_io import save_encoder
 
     resnet = setup.resnet
-    resnet.fc = nn.Identity()
-    resnet.arch, resnet.feature_dim = "resnet18", 512
+    if setup.method != "dino_vit":
+        resnet.fc = nn.Identity()
+        resnet.arch, resnet.feature_dim = "resnet18", 512
     return save_encoder(
-        path, resnet, small_stem=True, input_size=IMAGE_SIZE, mean=IMAGENET_NORMALIZE["mean"],
+        path, resnet, small_stem=setup.method != "dino_vit", input_size=IMAGE_SIZE, mean=IMAGENET_NORMALIZE["mean"],
         std=IMAGENET_NORMALIZE["std"], recipe=f"lightly-{setup.method}",
     )
 

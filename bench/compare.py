@@ -1,14 +1,17 @@
-"""sslctl beside lightly on the same work: docs/spec/protocols.md B1 (throughput) and B2 (kNN after a
-fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR and BYOL; AdCo (no lightly
-counterpart) beside sslctl's MoCo v2.
+"""sslctl beside lightly on the same work: docs/spec/protocols.md B1 (throughput) and B2 (kNN after
+a fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR, BYOL, SimSiam, Barlow
+Twins, VICReg and DINO (ResNet-18 `dino`, ViT-Tiny `dino_vit`); AdCo (no lightly counterpart)
+beside sslctl's MoCo v2.
 
     pip install -e .[bench]                      # lightly (does not change torch)
     python bench/compare.py --protocol b1        # 30 steps after 3 warm-up, 3 repeats
     python bench/compare.py --protocol b2        # 300 steps, then kNN (k=200/T=0.1, k=20/T=0.07)
     python bench/compare.py --protocol b2-wall --minutes 10
     python bench/compare.py --protocol b1 --methods moco_v2 --steps 6 --warmup 2 --repeats 1   # smoke
+    python bench/compare.py --protocol b1 --methods simsiam,barlow_twins,vicreg                # B1, new methods
 
-Both libraries train the same model (torchvision resnet18, small stem, fc removed), batch (128
+Both libraries train the same model (torchvision resnet18, small stem, fc removed; for dino_vit
+timm's vit_tiny_patch16_224 at 32 px with 4-px patches), batch (128
 source images), views and augmentation parameters (each method's small-image settings, no blur),
 heads, loss, optimizer (SGD lr 0.06 x bs/128, momentum 0.9, wd 5e-4, cosine per step over one
 epoch) and number of steps. Each run is its own process, and the libraries alternate (the order
@@ -56,8 +59,10 @@ import peak_flops  # noqa: E402
 
 BATCH = 128
 STEPS_PER_EPOCH = 60000 // BATCH  # Fashion-MNIST train, whole batches
-LIGHTLY_METHODS = ("moco_v2", "simclr", "byol")
-ALL_METHODS = ("moco_v2", "simclr", "byol", "adco")
+LIGHTLY_METHODS = ("moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
+ALL_METHODS = ("moco_v2", "simclr", "byol", "adco", "simsiam", "barlow_twins", "vicreg", "dino", "dino_vit")
+RECIPE = {"dino_vit": "dino"}  # a bench method -> the sslctl recipe it runs
+VIEW_SIZES = {"dino": [32, 32, 16, 16, 16, 16], "dino_vit": [32, 32, 16, 16, 16, 16]}  # default: 2 x 32 px
 KNN = ((200, 0.1), (20, 0.07))
 
 # The protocol, common to every method: ImageNet normalisation, SGD at lr 0.06 x 128/128, wd 5e-4,
@@ -76,6 +81,15 @@ _COMMON = [
 #  - MoCo/AdCo: lightly's example has no shuffle-BN (one process, plain BN in both encoders).
 #  - SimCLR: lightly's example runs a forward per view (BN statistics per view); sslctl's recipe
 #    puts both views through the backbone as one batch (the TF code), so the parity run unfuses.
+#  - SimSiam: the protocol's SGD on every parameter, so no fixed predictor lr (lightly's example
+#    has none). Barlow Twins / VICReg: the protocol's SGD instead of the recipes' LARS, no loss
+#    scale (solo-learn's 0.1 in the small variant), VICReg's variance weight 25 on the paper's
+#    averaged hinge (lightly's, and the recipe's top level), bilinear crops.
+#  - DINO: sslctl's student takes the crops of one size as one batch (the official
+#    MultiCropWrapper), lightly's example a forward per view: the same FLOPs, BN statistics over
+#    both global crops (ResNet) instead of per crop. The head, prototypes, 2 + 4 crops, momentum
+#    and the first epoch's frozen last layer are lightly's; no gradient clipping on either side;
+#    lightly's DINOTransform crops bicubic, sslctl's small variant bilinear.
 SSLCTL_OVERRIDES = {
     "moco_v2": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.shuffle_bn=false"],
     "adco": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.shuffle_bn=false"],
@@ -89,7 +103,27 @@ SSLCTL_OVERRIDES = {
         "head.projector_last_bias=true", "head.predictor_last_bias=true",
         "augment.jitter_brightness=multiplicative", "augment.interpolation=bilinear",
     ],
+    "simsiam": _COMMON + ["optim.lr=0.06", "optim.weight_decay=5e-4", "method.fix_pred_lr=false", "augment.blur_p=0.0"],
+    "barlow_twins": _COMMON + [
+        "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.exclude_bn_bias=false", "loss.scale=1.0",
+        "head.projector_last_bias=true", "augment.interpolation=bilinear",
+    ],
+    "vicreg": _COMMON + [
+        "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.exclude_bn_bias=false", "loss.std_coeff=25.0",
+        "head.projector_last_bias=true", "augment.interpolation=bilinear",
+    ],
 }
+_DINO = _COMMON + [
+    "optim.lr=0.06", "optim.weight_decay=5e-4", "optim.weight_decay_end=5e-4", "optim.exclude_bn_bias=false",
+    "method.base_momentum=0.996", "method.clip_grad=0", "head.projector_hidden=[2048, 2048]", "head.projector_dim=256",
+    "head.prototypes=4096", "augment.crop_scale=[0.08, 1.0]", "augment.extra_crops=4", "augment.extra_crop_size=16",
+    "augment.extra_crop_scale=[0.05, 0.4]",
+]
+SSLCTL_OVERRIDES["dino"] = _DINO
+SSLCTL_OVERRIDES["dino_vit"] = _DINO + [
+    "encoder.name=timm:vit_tiny_patch16_224", "encoder.small_stem=false", "encoder.img_size=32", "encoder.patch_size=4",
+    "encoder.dynamic_img_size=true", "encoder.drop_path_rate=0.0",
+]
 
 
 def log(msg: str) -> None:
@@ -200,7 +234,7 @@ def _fail(what: str, log_path: Path) -> None:
 
 def sslctl_cmd(method: str, run: Path, args, steps: int) -> list[str]:
     cmd = [
-        sys.executable, "-m", "sslctl", "pretrain", str(args.shards), "--recipe", method, "--variant", "small",
+        sys.executable, "-m", "sslctl", "pretrain", str(args.shards), "--recipe", RECIPE.get(method, method), "--variant", "small",
         "--out", str(run), "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "1000000",
         "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed),
     ]
@@ -257,7 +291,7 @@ def count_flops(library: str, method: str, device: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    views = [torch.randn(BATCH, 3, 32, 32, device=device) for _ in range(2)]
+    views = [torch.randn(BATCH, 3, s, s, device=device) for s in VIEW_SIZES.get(method, [32, 32])]
     counter = FlopCounterMode(display=False)
     if library == "lightly":
         import _lightly_side
@@ -271,7 +305,7 @@ def count_flops(library: str, method: str, device: str) -> float:
         from sslctl.methods import Progress, build_method
         from sslctl.recipes import load_recipe
 
-        cfg = load_recipe(method, variant="small", overrides=SSLCTL_OVERRIDES[method])
+        cfg = load_recipe(RECIPE.get(method, method), variant="small", overrides=SSLCTL_OVERRIDES[method])
         m = build_method(cfg).to(device).train()
         progress = Progress(step=0, total_steps=STEPS_PER_EPOCH, epoch=0, steps_per_epoch=STEPS_PER_EPOCH)
         with counter:
@@ -468,7 +502,7 @@ def prepare(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", choices=("b1", "b2", "b2-wall"), default="b1")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list of moco_v2, simclr, byol, adco")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
     ap.add_argument("--libraries", default="sslctl,lightly")
     ap.add_argument("--steps", type=int, default=None, help="b1: timed steps (30); b2: training steps (300)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (b1), or left out of images/s (b2)")

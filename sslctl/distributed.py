@@ -138,6 +138,14 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """SUM over ranks (a new tensor) whose backward sums the ranks' gradients too: for a statistic
+    of the global batch that every rank's loss uses (Barlow Twins' cross-correlation and its
+    standardisation). With DDP's gradient averaging this gives the one-process gradient of the
+    global batch's loss. Identity at world size 1."""
+    return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for processes on the CPU (gloo), where torch's has no kernel (and DDP refuses
     nn.SyncBatchNorm on CPU modules): training statistics over the global batch by differentiable

@@ -1,11 +1,13 @@
-"""`encoder.safetensors`: backbone weights with torchvision key names, plus what embed needs.
+"""`encoder.safetensors`: backbone weights with torchvision (or timm) key names, plus what embed needs.
 
-The file loads with strict=True into `torchvision.models.get_model(arch)` after
-`apply_small_stem` (when small_stem) and `strip_classifier` — see `load_encoder`.
+The file loads with strict=True into `torchvision.models.get_model(arch, **options)` after
+`apply_small_stem` (when small_stem) and `strip_classifier`, or for arch "timm:NAME" into
+`timm.create_model(NAME, num_classes=0, **options)` — see `load_encoder`.
 Metadata (safetensors allows str -> str only; lists and dicts are JSON):
     format="sslctl-encoder", arch, small_stem ("true"/"false"), feature_dim, input_size,
-    mean, std (JSON lists), recipe (name), provenance (JSON), options (JSON: a custom net's
-    constructor options, e.g. the AMDIM encoder's widths; see sslctl/nets)
+    mean, std (JSON lists), recipe (name), provenance (JSON), options (JSON: the network's
+    constructor options: a timm model's img_size, patch_size, ..., a torchvision ViT's
+    image_size, a custom net's widths; see sslctl/encoders.py)
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ def load_recipe(
         key, value = parse_override(item, path)
         _assign(cfg, key, value, path, origin="--set")
 
+    _check_encoder_options(cfg, path)
     _check_views(cfg, path)
     _check_choices(cfg, path)
     _check_ranges(cfg, path)
@@ -238,12 +239,40 @@ def _assign(cfg: dict, key: str, value: Any, path: Path, origin: str) -> None:
             raise _unknown(key, cfg, path, origin)
         table = table[part]
     last = parts[-1]
+    if section == "encoder" and len(parts) == 2 and last not in table:
+        # an option of the network (timm's img_size, ...): checked once the encoder's name is final
+        table[last] = value
+        table.setdefault(_ADDED, {})[last] = origin
+        return
     if last not in table:
         raise _unknown(key, cfg, path, origin)
     if isinstance(table[last], dict):
         keys = ", ".join(f"{key}.{k}" for k in table[last])
         raise UserError(f"{path}: '{key}' (from {origin}) is a table; set its keys instead: {keys}")
     table[last] = _typed(value, table[last], key, path, origin)
+
+
+_ADDED = "\0added"  # [encoder] keys a variant or --set added beyond the recipe's own, until checked
+
+
+def _check_encoder_options(cfg: dict, path: Path) -> None:
+    """[encoder] keys beyond the recipe's own are the network's options: any key for a timm model
+    (timm checks them when it builds the net), the few a torchvision builder takes, a custom net's
+    constructor arguments. Anything else is an unknown key, as in any other section."""
+    added = cfg["encoder"].pop(_ADDED, {})
+    if not added:
+        return
+    from sslctl.encoders import SSLCTL_KEYS, option_keys  # imports torchvision: only when such a key was set
+
+    name = str(cfg["encoder"].get("name", ""))
+    allowed = option_keys(name)
+    for key, origin in added.items():
+        if allowed is not None and key not in allowed and key not in SSLCTL_KEYS:
+            del cfg["encoder"][key]
+            error = _unknown(f"encoder.{key}", cfg, path, origin)
+            takes = f"; {name} takes {', '.join(allowed)}" if allowed else ""
+            raise UserError(f"{error} Encoder options beyond the recipe's keys are for timm models "
+                            f"(encoder.name = \"timm:NAME\": any timm option){takes}.")
 
 
 def _kind(value: Any) -> str:
@@ -355,6 +384,9 @@ def _check_known_keys(cfg: dict, path: Path) -> None:
             dotted = section if key is None else f"{section}.{key}"
             per_view = section == "augment" and key is not None and _VIEW_TABLE.match(key.split(".")[0]) and "." in key
             if dotted in valid or dotted == "recipe.variant" or per_view:  # per-view keys: _check_views
+                continue
+            if section == "encoder" and key is not None and "." not in key:  # a network option: _check_encoder_options
+                table.setdefault(_ADDED, {})[key] = "the file"
                 continue
             if section in sections:
                 what, name, hint = "key", dotted, _closest(dotted, valid)

@@ -1,5 +1,6 @@
-"""Parts shared by the two-branch methods (MoCo, AdCo, BYOL): the momentum copy and its EMA,
-shuffle-BN for the key encoder (docs/spec/methods.md §0.6), SplitBatchNorm, and the collapse signal.
+"""Parts shared by the two-branch methods (MoCo, AdCo, BYOL, SimSiam, Barlow Twins, VICReg): the
+momentum copy and its EMA, shuffle-BN for the key encoder (docs/spec/methods.md §0.6),
+SplitBatchNorm, the backbone and projector, and the collapse signal.
 
 Kept out of sslctl/methods/ because every module there is a method (methods.available())."""
 
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import distributed as dist
+from sslctl.encoders import build_encoder
+from sslctl.heads import from_config
 from sslctl.losses.similarity import cosine
 
 
@@ -96,6 +99,15 @@ def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True, sim
     mine = perm.view(dist.world_size(), -1)[dist.rank()]
     k = dist.gather_no_grad(similarity(encoder(x_all[mine])))
     return k[torch.argsort(perm)]
+
+
+def encoder_and_projector(cfg: dict) -> tuple[nn.Module, nn.Module]:
+    """The recipe's backbone ([encoder]) and [head] projector, with SyncBN when [method] `sync_bn`
+    (SimSiam, Barlow Twins, VICReg)."""
+    backbone = build_encoder(cfg["encoder"])
+    projector = from_config(backbone.feature_dim, cfg["head"], "projector")
+    sync = bool(cfg["method"]["sync_bn"])
+    return use_sync_bn(backbone, sync), use_sync_bn(projector, sync)
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, UserError
 from sslctl.methods import Method, Progress, build_method, method_defaults
 from sslctl.metrics_log import MetricsLog, Window
-from sslctl.optim import build_optimizer, lr_at
+from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, weight_decay_at
 from sslctl.recipes import recipe_to_toml, scaled_lr
 from sslctl.run_data import RunData
 from sslctl.run_options import RunOptions
@@ -272,9 +272,9 @@ class Engine:
 
     def train_step(self, views: list[torch.Tensor]) -> dict[str, float]:
         progress = Progress(step=self.step, total_steps=self.total_steps, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch)
-        lr = self.lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.lr(self.step), self.peak_lr)
+        if "weight_decay_end" in self.cfg["optim"]:  # DINO's cosine weight decay
+            set_weight_decay(self.optimizer, weight_decay_at(self.step, self.total_steps, self.cfg["optim"]))
         self.method.before_forward(progress)
         with self.autocast():
             out = self.step_fn(views)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sslctl.errors import UserError
-from sslctl.optim import LARS, build_optimizer, cosine_tau, lr_at, set_lr
+from sslctl.optim import LARS, ParamGroup, build_optimizer, cosine_tau, lr_at, set_lr
 
 
 def _norm(v):
@@ -101,6 +101,48 @@ def test_bad_optimizer_name_and_no_parameters():
     frozen = _net().requires_grad_(False)
     with pytest.raises(UserError, match="no trainable parameters"):
         build_optimizer(frozen, {"name": "sgd"}, lr=0.1)
+
+
+
+def test_lars_trust_clip_caps_the_per_tensor_rate_at_the_lr():
+    """LARC's clip mode (solo-learn's clip_lr): rate = min(trust, lr), so a tensor whose trust
+    ratio is above the lr moves at the lr, one below it at its trust ratio (not lr x trust)."""
+    big = nn.Parameter(torch.tensor([[30.0, 40.0]]))  # |w| 50, |g| 1 -> trust 0.02 x 50 = 1.0 > lr
+    small = nn.Parameter(torch.tensor([[0.3, 0.4]]))  # |w| 0.5 -> trust 0.01 < lr
+    opt = build_optimizer([("big", big), ("small", small)], {"name": "lars", "momentum": 0.0, "weight_decay": 0.0,
+                          "trust_coefficient": 0.02, "trust_clip": True}, lr=0.1)
+    for p in (big, small):
+        p.grad = torch.tensor([[0.6, 0.8]])
+    opt.step()
+    assert big.detach().flatten().tolist() == pytest.approx([30.0 - 0.1 * 0.6, 40.0 - 0.1 * 0.8])
+    assert small.detach().flatten().tolist() == pytest.approx([0.3 - 0.01 * 0.6, 0.4 - 0.01 * 0.8])
+
+
+def test_fixed_lr_groups_and_bias_lr_scale_get_their_own_groups():
+    """A group declared fixed_lr (SimSiam's predictor, its code's fix_lr) stays at the peak lr;
+    with bias_lr_scale (Barlow Twins) the 1-D parameters run at that multiple of the scheduled lr.
+    The default keys keep the two groups."""
+    model = nn.ModuleDict({"encoder": _net(), "predictor": nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))})
+    named = list(model.named_parameters())
+    declared = [ParamGroup([(n, p) for n, p in named if not n.startswith("predictor.")]),
+                ParamGroup([(n, p) for n, p in named if n.startswith("predictor.")], fixed_lr=True)]
+    opt = build_optimizer(declared, {"name": "sgd", "weight_decay": 1e-4}, lr=0.5)
+    set_lr(opt, 0.1, 0.5)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert {by_id[id(p)]["lr"] for p in model["predictor"].parameters()} == {0.5}
+    assert {by_id[id(p)]["lr"] for p in model["encoder"].parameters()} == {0.1}
+    assert [len(g["params"]) for g in opt.param_groups] == [6, 4]
+
+    opt = build_optimizer(model, {"name": "lars", "weight_decay": 1e-6, "bias_lr_scale": 0.024}, lr=1.6)
+    set_lr(opt, 1.0, 1.6)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert by_id[id(p)]["lr"] == pytest.approx(0.024 if p.ndim == 1 else 1.0), name
+        assert by_id[id(p)]["weight_decay"] == (0.0 if p.ndim == 1 else 1e-6), name
+    plain = build_optimizer(model, {"name": "lars", "weight_decay": 1e-6}, lr=1.6)
+    assert [sorted(k for k in g if k != "params") for g in plain.param_groups] == [
+        ["adapt", "clip", "eta", "lr", "momentum", "weight_decay"]] * 2
+    assert [g["adapt"] for g in plain.param_groups] == [True, False]
 
 
 # ---------------------------------------------------------------- schedules

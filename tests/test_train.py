@@ -182,6 +182,15 @@ def test_sigint_saves_and_exits_130(shards, tmp_path):
         ("adco", ["method.bank_size=64"]),  # adversarial bank + its velocity, ad_init (setup) before epoch 0
         ("byol", ["method.base_tau=0.9"]),  # EMA target, predictor
         ("simclr", []),  # LARS state
+        ("simsiam", ["head.projector_hidden=[64, 64]", "head.projector_dim=64", "head.predictor_dim=64",
+                     "schedule.warmup_epochs=1"]),  # the predictor's fixed-lr group through the warmup
+        ("barlow_twins", ["head.projector_hidden=[64, 64]", "head.projector_dim=64"]),  # LARS with trust clip
+        ("vicreg", ["head.projector_hidden=[64, 64]", "head.projector_dim=64"]),
+        # centre, teacher, the temperature warm-up across the epoch end, last-layer freeze, clipping, wd schedule
+        ("dino", ["head.prototypes=64", "head.projector_hidden=[64]", "augment.extra_crops=2", "augment.extra_crop_size=8",
+                  "loss.warmup_teacher_temperature_epochs=3", "method.freeze_last_layer_epochs=0.5", "method.clip_grad=1.0",
+                  "optim.weight_decay_end=0.1", "schedule.epochs=2"]),
+        ("mocov3", ["head.projector_hidden=[64]", "head.predictor_hidden=[64]", "schedule.epochs=2"]),  # cosine momentum
     ],
 )
 def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):

@@ -92,3 +92,16 @@ def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     (detached by the caller). Inputs need not be normalised. Random vectors give ~2.0."""
     with fp32(p.device):
         return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
+
+
+def info_nce_in_batch(q: torch.Tensor, keys: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie, He 2021, Alg. 1; moco-v3 builder.py):
+    CE(q . k_all / t) with the positive of local query n at global index rank * B + n, the other
+    images' keys of the whole global batch the negatives, scaled by 2t.
+
+    q: (B, D) this rank's queries, keys: (N, D) all ranks' keys in rank order (no gradient), both
+    L2-normalised. Equal logits give 2t * log N."""
+    target = rank * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+    with fp32(q.device):
+        sims = q.float() @ keys.float().T
+    return cross_entropy_at(sims, temperature, target) * (2 * temperature)

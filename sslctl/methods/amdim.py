@@ -32,7 +32,7 @@ from sslctl.encoders import feature_maps
 from sslctl.errors import UserError
 from sslctl.losses.local import map_nce, random_location
 from sslctl.methods.base import Method, expect, similarity_of
-from sslctl.encoders import build_encoder
+from sslctl.encoders import build_encoder, is_timm
 from sslctl.siamese import embedding_std
 
 
@@ -62,6 +62,12 @@ class AMDIM(Method):
         self.global_negatives = bool(method["global_negatives"])
         self.tclip = float(loss["tclip"])
         self.score_reg = float(loss["score_reg"])
+        if is_timm(cfg["encoder"]["name"]):
+            raise UserError(
+                f"recipe encoder.name = {cfg['encoder']['name']!r}: AMDIM / YADIM compare the feature maps of the AMDIM "
+                "encoder or of a torchvision ResNet (layer1 .. layer4); timm models are not supported: use "
+                "encoder.name = \"amdim\" or \"resnet18\""
+            )
         self.backbone = build_encoder(cfg["encoder"])
         self.used = tuple(dict.fromkeys([name for pair in self.pairs for name in pair] + ["last"]))
         names = self.map_names()

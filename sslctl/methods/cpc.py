@@ -25,7 +25,7 @@ from sslctl import distributed as dist
 from sslctl.errors import UserError
 from sslctl.losses.local import cpc_nce
 from sslctl.methods.base import Method, expect, similarity_of
-from sslctl.encoders import build_encoder
+from sslctl.encoders import build_encoder, is_timm
 from sslctl.nets.cpc import MaskedContext
 from sslctl.siamese import embedding_std
 
@@ -47,6 +47,11 @@ class CPC(Method):
             )
         self.global_negatives = bool(method["global_negatives"])
         self.pred_scale = float(head["pred_scale"])
+        if is_timm(cfg["encoder"]["name"]):
+            raise UserError(
+                f"recipe encoder.name = {cfg['encoder']['name']!r}: CPC needs a patch-grid encoder (one with "
+                "forward_grid), e.g. encoder.name = \"cpc_resnet\"; timm models have none"
+            )
         self.backbone = build_encoder(cfg["encoder"])
         if not hasattr(self.backbone, "forward_grid"):
             raise UserError(

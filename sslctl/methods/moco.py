@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslctl import console
 from sslctl import distributed as dist
 from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
@@ -43,6 +44,9 @@ class QueryKeyMethod(Method):
 
         self.backbone = build_encoder(enc)
         self.projector = from_config(self.backbone.feature_dim, cfg["head"])
+        if self.shuffle_bn and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.modules()):
+            console.warn(f"method.shuffle_bn: encoder {enc['name']} and the head have no BatchNorm, so shuffle-BN "
+                         "changes nothing (set method.shuffle_bn=false to skip its gather of the key images)")
         if self.shuffle_bn and dist.world_size() == 1 and int(method["bn_splits"]) > 1:
             use_split_bn(self.backbone, int(method["bn_splits"]))
         self.key_encoder = momentum_copy(torch.nn.Sequential(self.backbone, self.projector))

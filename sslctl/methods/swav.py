@@ -22,7 +22,7 @@ from torch import nn
 
 from sslctl import console, heads
 from sslctl.distributed import world_size
-from sslctl.encoders import build_encoder
+from sslctl.encoders import build_multi_crop_encoder
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.losses.contrastive import fp32
 from sslctl.methods.base import Method, Progress, expect, similarity_of
@@ -37,13 +37,14 @@ class SwAV(Method):
         aug, head, method = cfg["augment"], cfg["head"], cfg["method"]
         expect(cfg, "loss", "name", ("swapped_prediction",))
         self.similarity = similarity_of(cfg, ("cosine",))
-        self.backbone = build_encoder(cfg["encoder"])
+        self.n_views = int(aug.get("views", 2)) + int(aug.get("extra_crops", 0))
+        sizes = {int(aug["crop_size"])} | ({int(aug["extra_crop_size"])} if self.n_views > 2 else set())
+        self.backbone = build_multi_crop_encoder(cfg["encoder"], sizes)
         self.projector = heads.from_config(self.backbone.feature_dim, head)
         sync = bool(method["sync_bn"])  # SwAV syncs BN over the global batch (§4f)
         self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
         dim = int(head["projector_dim"])
         self.prototypes = nn.Linear(dim, int(head["prototypes"]), bias=False)
-        self.n_views = int(aug.get("views", 2)) + int(aug.get("extra_crops", 0))
         self.crops_for_assign = [int(a) for a in method["crops_for_assign"]]
         self.temperature = float(cfg["loss"]["temperature"])
         self.epsilon = float(method["epsilon"])
