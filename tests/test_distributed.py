@@ -1,4 +1,4 @@
-"""Data-parallel training and embedding (issue 5; METHODS.md §0.6 and each method's part (f)).
+"""Data-parallel training and embedding (issue 5; docs/spec/methods.md §0.6 and each method's part (f)).
 
 Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
 semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
@@ -37,6 +37,7 @@ from torch import nn
 
 from sslctl import distributed as dist
 from sslctl.errors import UserError
+from tests.conftest import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -63,7 +64,7 @@ FROZEN_BN = {"moco_v2", "adco"}  # see the module docstring
 # off), so elementwise comparison fails on some CPUs. In norm the 2 ranks stayed within 0.9%
 # (SwAV), 0.5% (SimCLR) and below 0.1% (MoCo v2, AdCo, BYOL) on that CPU.
 UPDATE_TOLERANCE = 3e-2
-PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (METHODS.md §4f), its shape depends on W
+PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (docs/spec/methods.md §4f), its shape depends on W
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -87,7 +88,7 @@ def _cli(*args: str, nproc: int = 1) -> list[str]:
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, **kw)
+    return run_bounded(cmd, env={**os.environ, **ENV}, **kw)
 
 
 # ------------------------------------------------------------------------------ one step, W = 2 vs W = 1
@@ -105,13 +106,12 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     """STEPS training steps of the real engine (DDP when distributed) on fixed global views;
     this process feeds its rank's slice. Returns what the tests compare."""
     from sslctl.recipes import load_recipe
+    from sslctl.run_options import RunOptions
     from sslctl.train import Engine
 
     cfg = load_recipe(name, variant="small", overrides=[*TINY, *METHODS[name], *(extra or [])])
-    engine = Engine(
-        shards, cfg, out, device="cpu", resume="never", seed=0, workers=0, compile=False, checkpoint_every=500,
-        log_every=1, monitor_split=None, monitor_every=1, max_steps=None, channels_last=False, amp=False, recipe_file=None,
-    )
+    options = RunOptions(device="cpu", resume="never", seed=0, workers=0, log_every=1, channels_last=False, amp=False)
+    engine = Engine(shards, cfg, out, options)
     engine.method.train()
     if name in FROZEN_BN:
         for m in engine.method.modules():
@@ -122,11 +122,11 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     mine = slice(dist.rank() * n, (dist.rank() + 1) * n)
     losses = []
     for step in range(STEPS):
-        losses.append(engine._train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
+        losses.append(engine.train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
         engine.step += 1
     return {
         "losses": losses, "before": before, "after": {k: v.clone() for k, v in engine.method.state_dict().items()},
-        "peak_lr": engine.peak_lr, "batch_per_rank": engine.batch_per_rank, "world": engine.world,
+        "peak_lr": engine.peak_lr, "batch_per_rank": engine.data.batch_per_rank, "world": engine.world,
         "sync_bn": sorted({type(m).__name__ for m in engine.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
     }
 
@@ -423,7 +423,7 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resu
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # every rank's own stream
     shutil.copytree(run, tmp_path / "one-process")
 
-    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)  # the requeued job
+    again = run_bounded(job, env=env)  # the requeued job
     assert again.returncode == 0, again.stderr
     assert again.stdout == f"{run}\n"
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
@@ -442,11 +442,11 @@ def test_eval_array_task_embeds_its_encoder_and_runs_knn(shards, tmp_path):
            "EMBED_ARGS": "--weights random --small-stem --input-size 16 --device cpu --workers 0",
            "KNN_ARGS": "--k 5 --temperature 0.07 --device cpu"}
     job = ["bash", str(SLURM / "eval_array.sbatch"), str(tmp_path / "encoders.txt"), str(shards), str(tmp_path / "results")]
-    done = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    done = run_bounded(job, env=env)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (tmp_path / "results" / "knn-1.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["k"] == 5 and 10 < lines[0]["top1"] <= 100
     assert lines[0]["features"].endswith("features-1.safetensors") and lines[0]["n_eval"] == 48
     assert not (tmp_path / "results" / "knn-0.jsonl").exists()
-    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    again = run_bounded(job, env=env)
     assert again.returncode == 0 and "task 1 skipped" in again.stderr

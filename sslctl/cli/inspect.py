@@ -10,9 +10,13 @@ def command(
 ) -> None:
     """Describe an sslctl artifact: a table on stderr, a one-line JSON summary on stdout.
 
-    Shards: splits, counts, classes, image size, mean/std, skipped inputs, provenance. Run directories, encoders and features files: their metadata (no weights are loaded).
+    Shards: splits, counts, classes, image size, mean/std, skipped inputs, provenance. Run
+    directories, encoders and features files: their metadata (no weights are loaded).
 
-    Example: sslctl shard data/ shards/ | sslctl inspect
+    Example:
+
+    \b
+        sslctl shard data/ shards/ | sslctl inspect
     """
     import json
 
