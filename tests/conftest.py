@@ -120,6 +120,38 @@ def cli():
 
 
 @pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """`tiny_shards(n_train=96, n_test=48, max_count=40)`: the first n_train / n_test images of the
+    embedded Fashion-MNIST as class folders (train/classK/*.png, test/...) through `sslctl shard`,
+    made once per session for each size. The default is 96 + 48 images in uneven shards (40, 40,
+    16 and 40, 8): 6 steps per epoch at batch 16, so a run crosses epoch boundaries in seconds,
+    and 2 ranks x 2 loader workers meet a split with fewer shards than readers."""
+    from PIL import Image
+
+    from sslctl.sources import read_idx
+
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(n_train: int = 96, n_test: int = 48, max_count: int = 40) -> Path:
+        key = (n_train, n_test, max_count)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"tiny-{n_train}-{n_test}-{max_count}")
+            for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+                images = read_idx(EMBEDDED_DATASET / f"{prefix}-images-idx3-ubyte.gz")[:n]
+                labels = read_idx(EMBEDDED_DATASET / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+                for i, (image, label) in enumerate(zip(images, labels)):
+                    folder = root / "images" / split / f"class{label}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(folder / f"{i:04d}.png")
+            done = run_cli("shard", str(root / "images"), str(root / "shards"), "--max-count", str(max_count), "--quiet")
+            assert done.returncode == 0, done.stderr
+            made[key] = root / "shards"
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def mini_shards(tmp_path_factory) -> Path:
     """The embedded 5,000 + 1,000 Fashion-MNIST subset as shards (`sslctl shard`), once per session."""
     out = tmp_path_factory.mktemp("mini-shards") / "shards"

@@ -87,30 +87,10 @@ ZERO_UPDATES = {"simsiam": {"predictor.1.running_mean"}, "mocov3": {"predictor.1
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, mini_idx) -> Path:
+def shards(tiny_shards) -> Path:
     """96 train + 48 test images of the embedded Fashion-MNIST, in uneven shards (40, 40, 16 and
     40, 8): 12 steps per epoch at a global batch of 8, 6 at 16."""
-    import gzip
-
-    import numpy as np
-    from PIL import Image
-
-    from sslctl.shard import Options, shard
-
-    def read_idx(path: Path) -> np.ndarray:
-        data = gzip.open(path, "rb").read()
-        dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(dims)
-
-    root = tmp_path_factory.mktemp("dist-data")
-    for split, prefix, n in (("train", "train", 96), ("test", "t10k", 48)):
-        images = read_idx(mini_idx / f"{prefix}-images-idx3-ubyte.gz")[:n]
-        labels = read_idx(mini_idx / f"{prefix}-labels-idx1-ubyte.gz")[:n]
-        for i, (img, label) in enumerate(zip(images, labels)):
-            folder = root / "images" / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / f"{i:04d}.png")
-    return shard(root / "images", root / "shards", options=Options(max_count=40), workers=1).parent
+    return tiny_shards()
 
 
 def _free_port() -> int:

@@ -5,7 +5,6 @@ train.py's Engine. Fast tests use a tiny ResNet-18 at 16 px; the slow one trains
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import tomllib
@@ -39,29 +38,10 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tiny_shards) -> Path:
     """200 train + 60 test images of the embedded set (class folders) through `sslctl shard`."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("ft-fmnist")
-    for split, prefix, n in (("train", "train", 200), ("test", "t10k", 60)):
-        images = _read_idx(EMBEDDED_DATASET / f"{prefix}-images-idx3-ubyte.gz")[:n]
-        labels = _read_idx(EMBEDDED_DATASET / f"{prefix}-labels-idx1-ubyte.gz")[:n]
-        for i, (img, label) in enumerate(zip(images, labels)):
-            folder = root / "images" / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / f"{i:04d}.png")
-    done = run_cli("shard", str(root / "images"), str(root / "shards"), "--quiet", env=ENV)
-    assert done.returncode == 0, done.stderr
-    return root / "shards"
+    return tiny_shards(200, 60)
 
 
 @pytest.fixture(scope="module")

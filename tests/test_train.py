@@ -7,7 +7,6 @@ batch 16, small queues) so every run takes seconds on a 2-core CPU.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -23,7 +22,6 @@ import pytest
 import torch
 
 from sslctl import checkpoint as ckpt
-from sslctl.paths import EMBEDDED_DATASET
 from tests.conftest import run_bounded, run_cli
 
 TINY = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
@@ -37,32 +35,11 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 EXACT_KEYS = ("step", "epoch", "loss", "lr", "z_std", "monitor", "knn_top1_k20", "knn_top1_k96")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """96 train + 48 test images of the embedded set as class folders, sharded by `sslctl shard`.
-    6 steps per epoch at batch 16, so runs cross epoch boundaries within seconds."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tiny-fmnist")
-    for split, prefix, n in (("train", "train", 96), ("test", "t10k", 48)):
-        images = _read_idx(EMBEDDED_DATASET / f"{prefix}-images-idx3-ubyte.gz")[:n]
-        labels = _read_idx(EMBEDDED_DATASET / f"{prefix}-labels-idx1-ubyte.gz")[:n]
-        for i, (img, label) in enumerate(zip(images, labels)):
-            folder = root / "images" / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / f"{i:04d}.png")
-    out = root / "shards"
-    done = run_cli("shard", str(root / "images"), str(out), "--quiet")
-    assert done.returncode == 0, done.stderr
-    return out
+def shards(tiny_shards) -> Path:
+    """96 train + 48 test images of the embedded set (conftest.py): 6 steps per epoch at batch 16,
+    so runs cross epoch boundaries within seconds."""
+    return tiny_shards()
 
 
 def _pretrain(shards: Path, out: Path, *args: str, recipe: str = "moco_v2") -> list:
