@@ -10,8 +10,8 @@ through the real engine, and
    often than at initialisation, on 3 of 4 draws and by 1.25x on their sum (tests/realrun.py).
 
 What the runs change in the recipes, to cost ~55-60 CPU-seconds each on one thread (retrieval
-draws included): the tiny ResNet below (~1/19 of ResNet-18's step time), 20-px crops of scale
-0.2-1, no warmup, 256-wide heads, scaling none, and per recipe below: VICReg 300 steps of batch
+draws included): tests/realrun.py's tiny ResNet (~1/19 of ResNet-18's step time), 20-px crops
+of scale 0.2-1, no warmup, 256-wide heads, scaling none, and per recipe below: VICReg 300 steps of batch
 16 at lr 0.05 over one epoch's schedule (312 steps), Barlow Twins 156 steps of batch 64 at lr 0.1
 over two epochs' (156 steps).
 """
@@ -21,37 +21,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torchvision
-from torch import nn
-from torchvision.models.resnet import BasicBlock
 
-from sslctl.encoders import CUSTOM
 from sslctl.recipes import load_recipe
-from tests.realrun import learned, short_run
+from tests.realrun import learned, short_run  # realrun registers the custom encoder tiny_resnet
 
 pytestmark = pytest.mark.slow
 
-
-class TinyResNet(torchvision.models.ResNet):
-    """torchvision's ResNet with one BasicBlock per stage at widths 16-32-64-128 and the small
-    stem (3x3 stride-1 conv, no max-pool): 0.44M parameters, 128-d features. Registered as the
-    custom encoder `tiny_resnet`, so the exported encoder.safetensors loads back like any custom
-    net's. (The same net as the one the short-run helper in tests/realrun.py is gaining.)"""
-
-    def __init__(self, width: int = 16):
-        super().__init__(BasicBlock, [1, 1, 1, 1])
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1, self.maxpool, self.fc = nn.BatchNorm2d(width), nn.Identity(), nn.Identity()
-        for i in range(4):
-            setattr(self, f"layer{i + 1}", self._make_layer(BasicBlock, width * 2**i, 1, stride=2 if i else 1))
-        self.feature_dim = 8 * width
-        for m in self.modules():  # torchvision's initialisation of the convolutions rebuilt above
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-CUSTOM.setdefault("tiny_resnet", f"{__name__}:TinyResNet")
 
 COMMON = [
     "encoder.name=tiny_resnet",
