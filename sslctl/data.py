@@ -11,12 +11,13 @@ shards, in a (seed, epoch)-shuffled order, are laid end to end as one index spac
 Rank r takes a balanced contiguous range of it, and each worker a contiguous block of that. A
 block may start or end inside a shard: the reader seeks over the samples before it without
 reading them, so this holds with any number of shards, even one. Samples are shuffled by a
-buffer (webdataset's) before decoding, seeded by (seed, epoch, rank, worker).
+buffer (`shuffled`) before decoding, seeded by (seed, epoch, rank, worker).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -24,17 +25,15 @@ import random
 import signal
 import warnings
 import zlib
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
 from sslctl.errors import UserError
-from sslctl.shard import load_manifest, split_shards  # the manifest format lives with its writer
+from sslctl.shardfmt import image_bytes, label_of, load_manifest, read_samples, split_shards
 from sslctl.sources import standard_mode
 
 __all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
@@ -44,67 +43,21 @@ try:  # torchvision's C decoders: deprecated in 0.29 in favour of torchcodec, st
 except ImportError:  # a future torchvision without them: PIL decodes everything
     decode_image = None
 
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-_BLOCK = 512
-
-
-def _tar_files(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
-    """Files of samples start..stop-1 of one shard, as webdataset file records.
-
-    Reads the USTAR headers `sslctl shard` writes directly (tarfile's Python header parsing
-    cost more than decoding a small JPEG) and seeks over the samples before `start`."""
-    with open(path, "rb") as f:
-        index, key = -1, None
-        while len(header := f.read(_BLOCK)) == _BLOCK and header[0]:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            if header[156:157] not in (b"0", b"\0"):
-                raise UserError(f"{path}: tar member {name!r} is not a plain file; not a shard written by `sslctl shard`")
-            padded = size + -size % _BLOCK
-            prefix = name.split(".", 1)[0]
-            if prefix != key:
-                index, key = index + 1, prefix
-            if index >= stop:
-                break
-            if index < start:
-                f.seek(padded, os.SEEK_CUR)
-                continue
-            data = f.read(padded)
-            if len(data) < padded:
-                raise UserError(f"{path}: truncated shard (member {name!r}); rerun `sslctl shard` to repair it")
-            yield {"fname": name, "data": data[:size], "__url__": str(path)}
-
-
-def _samples(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
-    return wds.tariterators.group_by_keys(_tar_files(path, start, stop))
-
-
-def _image_bytes(sample: dict) -> bytes:
-    for ext in _IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise UserError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image (png/jpg/webp)")
-
-
-def _label(sample: dict) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
-
-
 def decode(sample: dict, *, rgb: bool = False) -> tuple[Image.Image, int]:
     """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample."""
-    img = Image.open(io.BytesIO(_image_bytes(sample)))
+    img = Image.open(io.BytesIO(image_bytes(sample)))
     img.load()
     img = standard_mode(img)
     if rgb and img.mode != "RGB":
         img = img.convert("RGB")
-    return img, _label(sample)
+    return img, label_of(sample)
 
 
 def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int]:
     """(uint8 C x H x W tensor, label or -1): the same pixels as `decode`, but decoded by
     torchvision's C decoders (libjpeg-turbo, libpng, libwebp), about twice as fast as PIL on
     small images. Anything but 1- or 3-channel images goes through PIL (standard_mode)."""
-    data, image = _image_bytes(sample), None
+    data, image = image_bytes(sample), None
     palette = data[:4] == b"\x89PNG" and data[25:26] == b"\x03"  # torchvision would return the indices
     if decode_image is not None and not palette:
         try:
@@ -118,14 +71,38 @@ def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int
         return pil_to_tensor(img), label
     if rgb and image.shape[0] == 1:
         image = image.expand(3, -1, -1).contiguous()
-    return image, _label(sample)
+    return image, label_of(sample)
 
 
 def iter_shard(tar_path: str | os.PathLike, *, rgb: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
     """(key, uint8 C x H x W image, label or -1) for every sample of one shard, in stored order."""
-    for sample in _samples(Path(tar_path)):
+    for sample in read_samples(tar_path):
         image, label = decode_tensor(sample, rgb=rgb)
         yield sample["__key__"], image, label
+
+
+def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """`samples` through a shuffle buffer of `size`: a random one of the buffered samples comes
+    out for each that goes in. The order is exactly webdataset's shuffle(size, initial=size)
+    (it takes two samples per step while the buffer fills), which sslctl used before owning
+    this buffer, so seeded orders and resumed runs stay what they were."""
+    samples, buf = iter(samples), []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < size:
+            buf.extend(itertools.islice(samples, 1))
+        if len(buf) >= size:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 def _balanced(total: int, parts: int, i: int) -> tuple[int, int]:
@@ -247,7 +224,7 @@ class ShardDataset(IterableDataset):
         for i in order:
             a, b = max(first - offset, 0), min(stop - offset, self.counts[i])
             if a < b:
-                yield from _samples(self.paths[i], a, b)
+                yield from read_samples(self.paths[i], a, b)
             offset += self.counts[i]
             if offset >= stop:
                 break
@@ -261,7 +238,7 @@ class ShardDataset(IterableDataset):
         if self.shuffle_buffer:
             role = (worker + start_batch) % workers
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{role}")
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng)
+            samples = shuffled(samples, self.shuffle_buffer, rng)
         base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
         decoder = decode_tensor if self.output == "tensor" else decode
         for i, sample in enumerate(samples):

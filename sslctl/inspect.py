@@ -47,7 +47,7 @@ def _describe_shards(path: Path) -> Description | None:
         return None
     from rich.table import Table
 
-    from sslctl.shard import load_manifest
+    from sslctl.shardfmt import load_manifest
 
     m = load_manifest(file)
     classes = m["classes"]
