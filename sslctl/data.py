@@ -1,17 +1,27 @@
 """Reading shards (DESIGN.md §1): every stage after `shard` reads its images through this module.
 
+    open_dataset(spec, index_dir=...)       sslctl shards or any WebDataset (sslctl.datasets)
     load_manifest(path)                     the manifest dict (+ "path": where it was read from)
-    split_shards(manifest_or_path, split)   that split's tar files, in stored order
-    iter_shard(tar, rgb=False)              (key, uint8 CHW tensor, label) in stored order
+    split_shards(manifest_or_path, split)   that split's shards (paths or URLs), in stored order
+    iter_shard(shard, rgb=False)            (key, uint8 CHW tensor, label) in stored order
     ShardDataset(shards, split, ...)        an IterableDataset of (transform(image), label)
     make_loader(shards, split, ...)         batches with an equal len() on every rank
+
+`shards` is what open_dataset returns, or a spec it opens (then any index is kept in memory).
 
 How an epoch is split (exactly once per epoch across ranks x DataLoader workers): the split's
 shards, in a (seed, epoch)-shuffled order, are laid end to end as one index space of samples.
 Rank r takes a balanced contiguous range of it, and each worker a contiguous block of that. A
 block may start or end inside a shard: the reader seeks over the samples before it without
-reading them, so this holds with any number of shards, even one. Samples are shuffled by a
-buffer (`shuffled`) before decoding, seeded by (seed, epoch, rank, worker).
+reading them (on a local disk or an object store a seek; over plain HTTP or a pipe the bytes
+are read and dropped), so this holds with any number of shards, even one. Samples are shuffled
+by a buffer (`shuffled`) before decoding, seeded by (seed, epoch, rank, worker).
+
+What cannot be read is skipped, counted and replaced: a shard that breaks off (truncated,
+corrupt, unreachable after retries) or an undecodable image. Each missing sample is replaced by
+the last readable one of the same worker's stream (with its own position's augmentation), so
+every rank yields the same number of batches and a run's steps do not change; `skipped()`
+reports the counts.
 """
 
 from __future__ import annotations
@@ -32,28 +42,32 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
+from sslctl import console
+from sslctl.datasets import open_dataset
 from sslctl.errors import UserError
-from sslctl.shardfmt import image_bytes, label_of, load_manifest, read_samples, split_shards
+from sslctl.shardfmt import Labels, ShardError, image_bytes, label_of, load_manifest, split_shards
+from sslctl.streams import shard_samples
 from sslctl.sources import standard_mode
 
-__all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
+__all__ = ["open_dataset", "load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
 
 try:  # torchvision's C decoders: deprecated in 0.29 in favour of torchcodec, still the fastest here
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # a future torchvision without them: PIL decodes everything
     decode_image = None
 
-def decode(sample: dict, *, rgb: bool = False) -> tuple[Image.Image, int]:
-    """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample."""
+def decode(sample: dict, *, rgb: bool = False, labels: Callable[[dict], int] = label_of) -> tuple[Image.Image, int]:
+    """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample; `labels` reads
+    the label (default: the .cls member; a dataset's own: shardfmt.Labels(manifest))."""
     img = Image.open(io.BytesIO(image_bytes(sample)))
     img.load()
     img = standard_mode(img)
     if rgb and img.mode != "RGB":
         img = img.convert("RGB")
-    return img, label_of(sample)
+    return img, labels(sample)
 
 
-def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int]:
+def decode_tensor(sample: dict, *, rgb: bool = False, labels: Callable[[dict], int] = label_of) -> tuple[torch.Tensor, int]:
     """(uint8 C x H x W tensor, label or -1): the same pixels as `decode`, but decoded by
     torchvision's C decoders (libjpeg-turbo, libpng, libwebp), about twice as fast as PIL on
     small images. Anything but 1- or 3-channel images goes through PIL (standard_mode)."""
@@ -67,18 +81,32 @@ def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int
         except RuntimeError:
             pass
     if image is None or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
-        img, label = decode(sample, rgb=rgb)
+        img, label = decode(sample, rgb=rgb, labels=labels)
         return pil_to_tensor(img), label
     if rgb and image.shape[0] == 1:
         image = image.expand(3, -1, -1).contiguous()
-    return image, label_of(sample)
+    return image, labels(sample)
 
 
-def iter_shard(tar_path: str | os.PathLike, *, rgb: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(key, uint8 C x H x W image, label or -1) for every sample of one shard, in stored order."""
-    for sample in read_samples(tar_path):
-        image, label = decode_tensor(sample, rgb=rgb)
-        yield sample["__key__"], image, label
+def iter_shard(shard: str | os.PathLike, *, rgb: bool = False, labels: Callable[[dict], int] = label_of,
+               errors: list | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(key, uint8 C x H x W image, label or -1) for every sample of one shard (a path or a
+    URL), in stored order. errors=None: a corrupt image or a broken shard raises; with a list,
+    they are skipped and (where, reason) appended to it."""
+    try:
+        for sample in shard_samples(shard, load=getattr(labels, "wants", None)):
+            try:
+                image, label = decode_tensor(sample, rgb=rgb, labels=labels)
+            except Exception as err:  # noqa: BLE001 - PIL and torchvision raise many kinds
+                if errors is None:
+                    raise
+                errors.append((f"{shard} sample {sample['__key__']}", f"undecodable image ({err})"))
+                continue
+            yield sample["__key__"], image, label
+    except ShardError as err:
+        if errors is None:
+            raise
+        errors.append((str(shard), err.reason))
 
 
 def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -142,9 +170,10 @@ class ShardDataset(IterableDataset):
             raise UserError(f"output={output!r}: expected 'tensor' or 'pil'")
         from sslctl import distributed
 
-        self.manifest = shards if isinstance(shards, dict) else load_manifest(shards)
+        self.manifest = open_dataset(shards)  # a dict as it is; a spec indexed in memory
         self.paths = split_shards(self.manifest, split)
         self.counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
+        self.labels = Labels(self.manifest)
         self.total = sum(self.counts)
         self.split, self.transform, self.shuffle_buffer, self.seed = split, transform, shuffle_buffer, seed
         self.rgb, self.output, self.return_key, self.return_seed = rgb, output, return_key, return_seed
@@ -156,6 +185,18 @@ class ShardDataset(IterableDataset):
         # Shared with DataLoader workers (also persistent ones), so set_epoch reaches them.
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start_batch = multiprocessing.RawValue("q", 0)
+        self._skipped = multiprocessing.Array("q", 2)  # broken shards, replaced samples (all workers)
+
+    def skipped(self) -> dict[str, int]:
+        """What could not be read since this dataset was made, over all epochs and workers:
+        "shards" that broke (unreachable, truncated, corrupt) and "samples" replaced by another
+        sample of the same worker's stream (their undecodable images, or a broken shard's rest)."""
+        return {"shards": self._skipped[0], "samples": self._skipped[1]}
+
+    def _count_skipped(self, shards: int = 0, samples: int = 0) -> None:
+        with self._skipped.get_lock():
+            self._skipped[0] += shards
+            self._skipped[1] += samples
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Order for this epoch; start_batch > 0 resumes mid-epoch (needs batch_size) and yields
@@ -219,15 +260,32 @@ class ShardDataset(IterableDataset):
             return 0  # every sample is used (the same test on every rank)
         return random.Random(f"{self.seed}:{epoch}:rotation").randrange(self.total)
 
-    def _span(self, order: list[int], first: int, stop: int) -> Iterator[dict]:
+    def _span(self, order: list[int], first: int, stop: int) -> Iterator[dict | None]:
         offset = 0
         for i in order:
             a, b = max(first - offset, 0), min(stop - offset, self.counts[i])
             if a < b:
-                yield from read_samples(self.paths[i], a, b)
+                yield from self._shard(i, a, b)
             offset += self.counts[i]
             if offset >= stop:
                 break
+
+    def _shard(self, i: int, a: int, b: int) -> Iterator[dict | None]:
+        """Samples a..b-1 of shard i, exactly b - a items: where the shard breaks off (or holds
+        fewer than its count), None for each sample missing, which __iter__ replaces, so every
+        rank still yields its number of batches and DDP ranks stay in step."""
+        n, reason = 0, None
+        try:
+            for sample in shard_samples(self.paths[i], a, b, load=self.labels.wants):
+                n += 1
+                yield sample
+        except ShardError as err:
+            reason = err.reason
+        if n < b - a:
+            self._count_skipped(shards=1)
+            console.warn(f"{self.paths[i]}: {reason or f'holds {a + n} samples, {self.counts[i]} were counted'}; "
+                         f"{b - a - n} sample(s) of it replaced by others this epoch")
+            yield from itertools.repeat(None, b - a - n)
 
     def __iter__(self):
         info = get_worker_info()
@@ -241,18 +299,35 @@ class ShardDataset(IterableDataset):
             samples = shuffled(samples, self.shuffle_buffer, rng)
         base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
         decoder = decode_tensor if self.output == "tensor" else decode
+        good, owed, warned = None, [], 0  # the last readable sample; positions waiting for one
         for i, sample in enumerate(samples):
             if i < done:
                 continue  # consumed before the interruption: skipped before decoding
-            image, label = decoder(sample, rgb=self.rgb)
-            if self.transform is not None:
-                image = seeded_call(self.transform, image, base + i, keep_rng=info is None)
-            if self.return_key:
-                yield image, label, sample["__key__"]
-            elif self.return_seed:
-                yield image, label, base + i
-            else:
-                yield image, label
+            try:
+                if sample is None:
+                    raise ShardError("", "missing")
+                image, label = decoder(sample, rgb=self.rgb, labels=self.labels)
+                good = (image, label, sample["__key__"])
+            except Exception as err:  # noqa: BLE001 - a corrupt image: PIL and torchvision raise many kinds
+                self._count_skipped(samples=1)
+                if sample is not None and warned < 5:
+                    warned += 1
+                    console.warn(f"{sample['__url__']}: sample {sample['__key__']}: undecodable image ({err}); replaced")
+                if good is None:
+                    owed.append(i)
+                    continue
+            for position in [*owed, i]:
+                yield self._item(*good, base + position, keep_rng=info is None)
+            owed = []
+
+    def _item(self, image, label: int, key: str, seed: int, keep_rng: bool) -> tuple:
+        if self.transform is not None:
+            image = seeded_call(self.transform, image, seed, keep_rng=keep_rng)
+        if self.return_key:
+            return image, label, key
+        if self.return_seed:
+            return image, label, seed
+        return image, label
 
 
 def seeded_call(transform: Callable, x, seed: int, keep_rng: bool):
@@ -283,6 +358,10 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.steps
+
+    def skipped(self) -> dict[str, int]:
+        """Broken shards and replaced samples so far (ShardDataset.skipped), for metrics."""
+        return self.dataset.skipped()
 
     def __iter__(self):
         remaining = self.steps - self._start

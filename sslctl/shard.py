@@ -22,7 +22,6 @@ import collections
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
@@ -37,7 +36,8 @@ from PIL import Image, UnidentifiedImageError
 from sslctl import console
 from sslctl.artifacts import atomic_write_json, provenance, sha256_file
 from sslctl.errors import UserError
-from sslctl.shardfmt import FORMAT, MANIFEST, SHARD_NAME, VERSION, ShardWriter, shard_name, tar_members, write_manifest
+from sslctl.shardfmt import (FORMAT, MANIFEST, SHARD_NAME, VERSION, ShardWriter, Stats, image_moments, shard_name,
+                             tar_members, write_manifest)
 from sslctl.sources import Item, Source, open_source, standard_mode
 
 STATE = ".sslctl-shard-state.json"
@@ -122,15 +122,7 @@ def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str) -> tuple
         buf = io.BytesIO()
         img.save(buf, name, **kwargs)
         data = buf.getvalue()
-    return ("ok", ext, data, (img.height, img.width), len(img.getbands()), _moments(img))
-
-
-def _moments(img: Image.Image) -> tuple[list[int], list[int], int]:
-    """Exact per-channel (sum, sum of squares, pixels) from PIL's histogram: integers, so
-    totals do not depend on how the work was chunked."""
-    hist = np.asarray(img.histogram(), np.int64).reshape(-1, 256)
-    v = np.arange(256, dtype=np.int64)
-    return (hist @ v).tolist(), (hist @ (v * v)).tolist(), int(hist[0].sum())
+    return ("ok", ext, data, (img.height, img.width), len(img.getbands()), image_moments(img))
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -169,66 +161,6 @@ def _ordered_map(fn, tasks: list, workers: int):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-# ---------------------------------------------------------------- statistics
-
-class Stats:
-    """Exact pixel moments of the decoded images (gray and colour apart), image sizes, and how
-    many images have colour (from every image's header)."""
-
-    def __init__(self, d: dict | None = None):
-        d = d or {}
-        self.gray = d.get("gray", [0, 0, 0])  # sum, sum of squares, pixels
-        self.rgb = d.get("rgb", [[0, 0, 0], [0, 0, 0], 0])
-        self.sizes = collections.Counter(d.get("sizes", {}))
-        self.colour, self.decoded = d.get("colour", 0), d.get("decoded", 0)
-
-    def add(self, size, channels: int, moments) -> None:
-        self.sizes[f"{size[0]}x{size[1]}"] += 1
-        self.colour += channels == 3
-        if moments is None:
-            return
-        sums, sumsqs, pixels = moments
-        self.decoded += 1
-        if channels == 1:
-            self.gray = [self.gray[0] + sums[0], self.gray[1] + sumsqs[0], self.gray[2] + pixels]
-        else:
-            s, q, n = self.rgb
-            self.rgb = [[a + b for a, b in zip(s, sums)], [a + b for a, b in zip(q, sumsqs)], n + pixels]
-
-    def merge(self, other: Stats) -> None:
-        self.gray = [a + b for a, b in zip(self.gray, other.gray)]
-        s, q, n = self.rgb
-        self.rgb = [[a + b for a, b in zip(s, other.rgb[0])], [a + b for a, b in zip(q, other.rgb[1])], n + other.rgb[2]]
-        self.sizes.update(other.sizes)
-        self.colour += other.colour
-        self.decoded += other.decoded
-
-    def to_dict(self) -> dict:
-        return {"gray": self.gray, "rgb": self.rgb, "sizes": dict(sorted(self.sizes.items())),
-                "colour": self.colour, "decoded": self.decoded}
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.colour else 1
-
-    def mean_std(self, channels: int) -> tuple[list[float], list[float]]:
-        """Per channel, in 0..1; grayscale images count as R = G = B in a colour dataset."""
-        c = channels
-        g_sum, g_sq, g_n = self.gray
-        sums = [g_sum + (self.rgb[0][i] if c == 3 else 0) for i in range(c)]
-        sqs = [g_sq + (self.rgb[1][i] if c == 3 else 0) for i in range(c)]
-        n = max(1, g_n + (self.rgb[2] if c == 3 else 0))
-        mean = [s / n / 255 for s in sums]
-        std = [math.sqrt(max(0.0, q / n / 255**2 - m * m)) for q, m in zip(sqs, mean)]
-        return [round(m, 6) for m in mean], [round(s, 6) for s in std]
-
-    def common_size(self) -> list[int] | None:
-        if not self.sizes:
-            return None
-        best = max(self.sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        return [int(x) for x in best.split("x")]
 
 
 # ---------------------------------------------------------------- the stage
