@@ -417,6 +417,8 @@ def make_loader(
             f"{batch_size} x {dataset.world_size} rank(s); lower the batch size"
         )
     workers = default_workers(dataset.world_size) if workers is None else workers
+    if workers:
+        _kill_workers_at_exit()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -471,6 +473,28 @@ class _BatchViews:
 def _rgb(image: torch.Tensor) -> torch.Tensor:
     """A gray uint8 image as decode_tensor(rgb=True) gives it (the per-image path's input)."""
     return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+_EXIT_HOOK: list = []
+
+
+def _kill_workers_at_exit() -> None:
+    """Loader workers ignore SIGTERM (below), and at exit multiprocessing terminates daemonic
+    children with SIGTERM and then joins them: a loader still alive then (a script's global,
+    a failed test's traceback) would hang the exit forever. This handler, registered after
+    multiprocessing's own and so run before it, kills them instead."""
+    if not _EXIT_HOOK:
+        import atexit
+
+        _EXIT_HOOK.append(atexit.register(_kill_daemonic_children))
+
+
+def _kill_daemonic_children() -> None:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+        for p in children:
+            p.kill()
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

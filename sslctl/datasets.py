@@ -22,6 +22,7 @@ as data-index-HASH.json and reused from there; nothing is written where the data
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ from typing import Mapping
 from sslctl import console
 from sslctl.errors import UserError
 from sslctl.shardfmt import (MANIFEST, LabelKey, ShardError, Stats, image_ext, image_moments, is_image, is_url,
-                             load_manifest, validate_manifest)
+                             load_manifest, split_shards, validate_manifest)
 from sslctl.streams import ShardStream, expand, list_tars, shard_samples
 
 INDEX_FORMAT, INDEX_VERSION = "sslctl-index", 1
@@ -48,7 +49,8 @@ def open_dataset(spec, *, index_dir: str | os.PathLike | None = None, label_key:
     """The dataset a spec names, as a manifest-shaped dict (see the module's docstring).
 
     index_dir: where the index of foreign shards is cached (None: built in memory, not kept).
-    label_key: which member holds the label (EXT, or EXT:FIELD of a JSON member); default cls."""
+    label_key: which member holds the label (EXT, or EXT:FIELD of a JSON member): default cls,
+    or for a cached index the key it was made with."""
     if isinstance(spec, dict) and "splits" in spec:
         return spec  # already opened
     if isinstance(spec, (list, tuple)):
@@ -63,28 +65,36 @@ def open_dataset(spec, *, index_dir: str | os.PathLike | None = None, label_key:
             return own
         sources = _splits_of(spec)
     else:
-        sources = {str(split): _locations(str(s)) for split, s in spec.items()}
+        sources = {str(split): _split_locations(str(split), os.fspath(s)) for split, s in spec.items()}
     LabelKey(label_key)  # UserError for a malformed key, before any reading
-    key = _index_key(sources, label_key)
+    key = _index_key(sources)
     index_file = Path(index_dir) / f"data-index-{key[:12]}.json" if index_dir is not None else None
-    cached = _load_index(index_file, key)
-    if cached is not None:
-        return cached
-    from sslctl import distributed
-
-    if index_file is not None and distributed.world_size() > 1:  # rank 0 builds it, the others read it
-        if distributed.rank() == 0:
-            index = _build(spec, sources, label_key, key, threads)
-            _save(index_file, index)
-        distributed.barrier()
-        cached = _load_index(index_file, key)
+    if index_file is None:
+        return _build(spec, sources, label_key, key, threads)
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(index_file.parent):  # one process (rank, launcher) indexes; the others wait, then read it
+        cached = _load_index(index_file, key, label_key)
         if cached is None:
-            raise UserError(f"{index_file}: the data index rank 0 wrote is not readable here; is {index_dir} shared by all ranks?")
-        return cached
-    index = _build(spec, sources, label_key, key, threads)
-    if index_file is not None:
-        _save(index_file, index)
-    return index
+            cached = _build(spec, sources, label_key, key, threads)
+            _save(index_file, cached)
+    return cached
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive flock on `directory` (processes on one machine, or on a shared filesystem
+    that supports it); where locking is not supported, no lock: each process indexes."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- what a spec names
@@ -151,6 +161,12 @@ def _locations(spec: str) -> list[str]:
                     "a pattern like data/train-{000000..000009}.tar, or a URL)")
 
 
+def _split_locations(split: str, spec: str) -> list[str]:
+    """One split's shards given its own source; for sslctl shards, their split of that name."""
+    own = _sslctl_manifest(spec, None)
+    return _locations(spec) if own is None else [str(loc) for loc in split_shards(own, split)]
+
+
 def _splits_of(spec: str) -> dict[str, list[str]]:
     """One split ("train"), or, for a directory whose shards are all named train-*/val-*/test-*
     (or sit in such subdirectories), those splits."""
@@ -177,8 +193,8 @@ def describe(spec) -> str:
 
 # ---------------------------------------------------------------- the index
 
-def _index_key(sources: dict, label_key: str | None) -> str:
-    record = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "splits": sources, "label_key": label_key}
+def _index_key(sources: dict) -> str:
+    record = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "splits": sources}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,7 +209,8 @@ def _identity(location: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _load_index(file: Path | None, key: str) -> dict | None:
+def _load_index(file: Path | None, key: str, label_key: str | None) -> dict | None:
+    """The cached index of these sources, unless a local shard changed or other labels are asked for."""
     if file is None or not file.is_file():
         return None
     try:
@@ -201,6 +218,8 @@ def _load_index(file: Path | None, key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     if index.get("format") != INDEX_FORMAT or index.get("key") != key:
+        return None
+    if label_key is not None and LabelKey(label_key).key != index.get("labels_from"):
         return None
     for split in index["splits"].values():
         for entry in split["shards"]:
@@ -309,14 +328,14 @@ def _build(spec, sources: dict[str, list[str]], label_key: str | None, key: str,
         console.warn(IMAGENET_NOTICE.format(what=what))
         channels, mean, std = 3, list(IMAGENET_MEAN), list(IMAGENET_STD)
     splits = {split: {"count": sum(e["count"] for e in es), "skipped": sum("error" in e for e in es),
-                      "shards": [{k: v for k, v in e.items() if k != "labels"} for e in es]}
-              for split, es in per_split.items()}
+                      "shards": [{k: v for k, v in e.items() if k != "labels"} for e in es if e["count"]]}
+              for split, es in per_split.items()}  # shards with no readable sample are only in "skipped"
     fingerprint = hashlib.sha256(json.dumps(
         {"key": key, "counts": [[e["url"], e["count"], e["bytes"]] for e in entries]}, sort_keys=True).encode()).hexdigest()
     return {
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "key": key,
         "source": {"kind": "webdataset", "path": what, "shards": len(flat)},
-        "label_key": label.key if values else None,
+        "labels_from": label.key, "label_key": label.key if values else None,
         "labelled": bool(values), "classes": classes, "label_names": names,
         "channels": channels, "image_size": stats.common_size(), "mean": mean, "std": std,
         "stats_split": stats_split, "stats_images": decoded,

@@ -97,6 +97,12 @@ def split_shards(manifest_or_path, split: str) -> list[Path | str]:
     return [(s["url"] if is_url(s["url"]) else Path(s["url"])) if "url" in s else root / s["name"] for s in shards]
 
 
+def shard_id(entry: dict) -> str:
+    """What stands for a shard's content in a manifest or an index entry: its sha256 where
+    known, else its location, sample count and file size/modification time."""
+    return entry.get("sha256") or json.dumps([entry.get("url", entry["name"]), entry["count"], entry.get("identity")])
+
+
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 

@@ -42,7 +42,7 @@ from sslctl import distributed as dist
 from sslctl.artifacts import atomic_write_text
 from sslctl.augment import build_views, eval_transform, normalization
 from sslctl.augment_batch import BatchViews
-from sslctl.data import default_workers, load_manifest, make_loader, seeded_call
+from sslctl.data import default_workers, make_loader, open_dataset, seeded_call
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, SslctlError, UserError
 from sslctl.methods import Method, Progress, build_method
@@ -234,7 +234,7 @@ class Engine:
         self.main = self.rank == 0
         if not self.main:
             console.set_quiet(True)  # rank 0 alone logs (methods log too, e.g. AdCo's ad_init); warnings still show
-        self.cfg, self.shards, self.out = cfg, Path(shards), Path(out_dir)
+        self.cfg, self.shards, self.out = cfg, shards, Path(out_dir)
         self.seed, self.compile = seed, compile
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
         self.monitor_split, self.monitor_every, self.max_steps = monitor_split, monitor_every, max_steps
@@ -258,7 +258,7 @@ class Engine:
             ckpt.check_same_recipe(state["recipe"], self.recipe_text, self.out / "recipe.toml", self.recipe_file)
 
         # Data: the recipe's batch is global; each rank loads its share.
-        self.manifest = load_manifest(self.shards)
+        self.manifest = open_dataset(self.shards, index_dir=self.out)  # sslctl shards, or any WebDataset (indexed once)
         if monitor_split:
             self._check_monitor_split()
         batch = int(cfg["optim"]["batch_size"])
@@ -625,6 +625,10 @@ class Engine:
         record["lr"] = self._lr(self.step - 1)
         record["images_per_s"] = round(self.batch / step_time, 2) if step_time > 0 else None
         record["data_wait_pct"] = round(100.0 * w.wait / w.busy, 2) if w.busy > 0 else None
+        counts = self.loader.skipped() if hasattr(self.loader, "skipped") else {"shards": 0, "samples": 0}
+        skipped = dist.all_reduce_sum(torch.tensor([counts["shards"], counts["samples"]], device=self.device))
+        if skipped.any():  # what the ranks' loaders could not read so far (broken shards, replaced samples)
+            record["skipped_shards"], record["skipped_samples"] = skipped.tolist()
         self.write_metrics(record)
         self.window = _Window()
         if self.main:

@@ -202,7 +202,7 @@ def test_http_pattern_is_indexed_once_and_read_like_local_disk(http_root, foreig
     assert not handler.requests and again["splits"] == dataset["splits"]
 
 
-def test_s3_through_a_real_s3_server(foreign, tmp_path, monkeypatch):
+def test_s3_through_a_real_s3_server(foreign, images, tmp_path, monkeypatch, capsys, one_thread):
     s3fs = pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -226,6 +226,17 @@ def test_s3_through_a_real_s3_server(foreign, tmp_path, monkeypatch):
         loader = make_loader(pattern, "train", batch_size=5, workers=2, shuffle=False, drop_last=False, rank=0, world_size=1)
         loader.set_epoch(0)
         assert sum(len(labels) for _, labels in loader) == N and loader.skipped() == {"shards": 0, "samples": 0}
+        # the stages: pretrain two steps, then embed, straight from the bucket
+        code, out, err = _sslctl(monkeypatch, capsys, "pretrain", "s3://bucket/wds/", "--recipe", "simclr", "--out",
+                                 tmp_path / "run", "--max-steps", "2", "--set", "augment.crop_size=8", "--set",
+                                 "optim.batch_size=8", "--workers", "0", "--device", "cpu", "--quiet")
+        assert code == 0, err
+        code, out, err = _sslctl(monkeypatch, capsys, "embed", tmp_path / "run", "s3://bucket/wds/ext-{000000..000002}.tar",
+                                 "--workers", "0", "--quiet")
+        assert code == 0, err
+        from sslctl.embed import load_split
+
+        assert load_split(out.strip(), "train")[1].tolist() == [label for _, _, label in images]
     finally:
         server.stop()
 
@@ -334,7 +345,7 @@ def _rank_keys(rank: int, port: int, spec: str, index_dir: str, out: str) -> Non
     torch.set_num_threads(1)
     assert dist.init_from_env("cpu")
     try:
-        dataset = open_dataset(spec, index_dir=index_dir)  # rank 0 indexes, rank 1 reads its file
+        dataset = open_dataset(spec, index_dir=index_dir)  # one rank indexes, the other waits and reads its file
         loader = make_loader(dataset, "train", batch_size=3, workers=2, seed=1, drop_last=False)
         loader.dataset.return_key = True
         epochs = []
@@ -361,4 +372,74 @@ def test_two_gloo_ranks_over_http_read_disjoint_samples_every_sample_once_per_ep
         a, b = ranks[0][epoch], ranks[1][epoch]
         assert not set(a) & set(b) and Counter(a + b) == Counter(f"sample{i:06d}" for i in range(N))
     assert ranks[0][0] != ranks[0][1]  # a new order each epoch
-    assert len(list((tmp_path / "run").iterdir())) == 1  # one index, written by rank 0
+    assert len(list((tmp_path / "run").iterdir())) == 1  # one index
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def _sslctl(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """The real entry point (sslctl.cli.main), in-process: (exit code, stdout, stderr)."""
+    from sslctl.cli import main
+
+    monkeypatch.setattr("sys.argv", ["sslctl", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_pretrain_embed_knn_and_inspect_over_http(http_root, foreign, tmp_path, monkeypatch, capsys, one_thread):
+    base = http_root[0]
+    train, test = base + "/pax/pax-{000000..000001}.tar", base + "/pax/pax-000002.tar"
+    run = tmp_path / "run"
+    code, out, err = _sslctl(monkeypatch, capsys, "pretrain", train, "--recipe", "simclr", "--out", run, "--max-steps", "2",
+                             "--set", "augment.crop_size=8", "--set", "optim.batch_size=8", "--set", "schedule.warmup_epochs=0",
+                             "--workers", "0", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert out == f"{run}\n" and (run / "encoder.safetensors").is_file()
+    (index,) = run.glob("data-index-*.json")  # beside the output; the served data is untouched
+    assert sorted(p.name for p in (http_root[1] / "pax").iterdir()) == sorted(p.name for p in foreign["pax"].iterdir())
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2
+
+    feats = tmp_path / "f.safetensors"
+    code, out, err = _sslctl(monkeypatch, capsys, "embed", run, "--split", f"train={train}", "--split", f"test={test}",
+                             "--label-key", "json:meta.label", "--out", feats, "--workers", "0", "--quiet")
+    assert code == 0, err
+    from sslctl.embed import load_split, read_features_metadata
+
+    assert read_features_metadata(feats)["classes"] == CLASSES
+    (x, y), (_, y_test) = load_split(feats, "train"), load_split(feats, "test")
+    assert x.shape[0] == 20 and y.tolist() == [i % 3 for i in range(20)] and y_test.tolist() == [i % 3 for i in range(20, 30)]
+    code, out, err = _sslctl(monkeypatch, capsys, "knn", feats, "--k", "5", "-t", "0.1")
+    (knn,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and knn["n_bank"] == 20 and knn["n_eval"] == 10, err
+
+    code, out, err = _sslctl(monkeypatch, capsys, "inspect", train, "--label-key", "json:meta.label", "--quiet")
+    summary = json.loads(out)
+    assert code == 0 and summary["kind"] == "webdataset" and summary["splits"]["train"]["count"] == 20
+    assert summary["num_classes"] == 3
+    code, out, err = _sslctl(monkeypatch, capsys, "inspect", index, "--quiet")  # the run's index file
+    assert code == 0 and json.loads(out)["splits"]["train"]["count"] == 20
+
+
+def test_a_shard_lost_during_pretraining_is_counted_in_metrics(http_root, foreign, tmp_path, monkeypatch, capsys, one_thread):
+    base, root, _ = http_root
+    shutil.copytree(foreign["pax"], root / "lost")
+    spec, run = base + "/lost/pax-{000000..000001}.tar", tmp_path / "run"
+    args = ["pretrain", spec, "--recipe", "simclr", "--out", run, "--set", "augment.crop_size=8", "--set",
+            "optim.batch_size=8", "--set", "schedule.epochs=1", "--workers", "0", "--device", "cpu", "--quiet"]
+    open_dataset(spec, index_dir=run)  # indexed while whole, then the second shard goes
+    (root / "lost" / "pax-000001.tar").write_bytes(b"")
+    code, out, err = _sslctl(monkeypatch, capsys, *args)
+    assert code == 0, err
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and last["skipped_shards"] >= 1 and last["skipped_samples"] >= 6  # 16 read, 10 missing
+    assert "pax-000001.tar" in err
+
+
+def test_a_url_that_cannot_be_opened_is_exit_2_naming_it(http_root, tmp_path, monkeypatch, capsys):
+    missing = http_root[0] + "/nowhere/x-000000.tar"
+    code, out, err = _sslctl(monkeypatch, capsys, "embed", "resnet18", missing, "--weights", "random", "--out",
+                             tmp_path / "f.safetensors")
+    assert code == 2 and missing in err and "Traceback" not in err and not out

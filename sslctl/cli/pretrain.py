@@ -10,7 +10,10 @@ import typer
 
 def command(
     shards: Optional[str] = typer.Argument(
-        None, help="Shards directory or its manifest.json (what `sslctl shard` printed); '-' or omitted: read the path from stdin."
+        None, help="The data: a shards directory or its manifest.json (what `sslctl shard` printed), or any WebDataset: a "
+        "directory of .tar shards, a pattern (data/train-{000000..000099}.tar), URLs (http(s)://, s3://, gs://, pipe:CMD; "
+        "'::' joins several); '-' or omitted: read it from stdin. Without a manifest the shards are indexed once "
+        "(sample counts, labels, mean/std of the first 1,000 images) into RUN_DIR/data-index-*.json; see docs/data.md."
     ),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (`sslctl recipes` lists them) or path to a .toml file."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl."),
@@ -36,6 +39,7 @@ def command(
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
+    label_key: Optional[str] = typer.Option(None, "--label-key", help="Shards without a manifest: the member that holds a sample's label, EXT (default cls) or EXT:FIELD of a JSON member (json:label); only --monitor needs labels."),
 ) -> None:
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
@@ -53,15 +57,14 @@ def command(
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
-    from sslctl.data import load_manifest
+    from sslctl.data import open_dataset
     from sslctl.launch import launch
     from sslctl.recipes import load_recipe, recipe_path
     from sslctl.train import pretrain
 
     console.set_quiet(quiet)
-    shards_path = path_from_stdin_or_arg(shards, "shards (a directory or manifest.json from `sslctl shard`)")
-    manifest = load_manifest(shards_path)
-    size = manifest.get("image_size")
+    shards_path = shards if shards not in (None, "-") else str(path_from_stdin_or_arg(shards, "shards (a directory or manifest.json from `sslctl shard`)"))
+    size = open_dataset(shards_path, index_dir=out, label_key=label_key).get("image_size")  # indexes foreign shards once
     overrides = list(set_ or [])
     if epochs is not None:
         overrides.append(f"schedule.epochs={epochs}")
