@@ -186,6 +186,7 @@ class ShardDataset(IterableDataset):
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start_batch = multiprocessing.RawValue("q", 0)
         self._skipped = multiprocessing.Array("q", 2)  # broken shards, replaced samples (all workers)
+        self._decode_warnings = 0  # per process (each worker has its own copy)
 
     def skipped(self) -> dict[str, int]:
         """What could not be read since this dataset was made, over all epochs and workers:
@@ -299,26 +300,34 @@ class ShardDataset(IterableDataset):
             samples = shuffled(samples, self.shuffle_buffer, rng)
         base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
         decoder = decode_tensor if self.output == "tensor" else decode
-        good, owed, warned = None, [], 0  # the last readable sample; positions waiting for one
+        good, owed = None, []  # the last readable sample; positions still waiting for one
         for i, sample in enumerate(samples):
             if i < done:
                 continue  # consumed before the interruption: skipped before decoding
-            try:
-                if sample is None:
-                    raise ShardError("", "missing")
-                image, label = decoder(sample, rgb=self.rgb, labels=self.labels)
-                good = (image, label, sample["__key__"])
-            except Exception as err:  # noqa: BLE001 - a corrupt image: PIL and torchvision raise many kinds
+            decoded = self._decode(sample, decoder)
+            if decoded is not None:
+                good = (*decoded, sample["__key__"])
+            else:
                 self._count_skipped(samples=1)
-                if sample is not None and warned < 5:
-                    warned += 1
-                    console.warn(f"{sample['__url__']}: sample {sample['__key__']}: undecodable image ({err}); replaced")
                 if good is None:
                     owed.append(i)
                     continue
             for position in [*owed, i]:
                 yield self._item(*good, base + position, keep_rng=info is None)
             owed = []
+
+    def _decode(self, sample: dict | None, decoder) -> tuple | None:
+        """(image, label), or None for a missing sample (a broken shard's, `_shard` warned) or
+        an undecodable image (a warning for the first few of each worker)."""
+        if sample is None:
+            return None
+        try:
+            return decoder(sample, rgb=self.rgb, labels=self.labels)
+        except Exception as err:  # noqa: BLE001 - a corrupt image: PIL and torchvision raise many kinds
+            self._decode_warnings += 1
+            if self._decode_warnings <= 5:
+                console.warn(f"{sample['__url__']}: sample {sample['__key__']}: undecodable image ({err}); replaced")
+            return None
 
     def _item(self, image, label: int, key: str, seed: int, keep_rng: bool) -> tuple:
         if self.transform is not None:

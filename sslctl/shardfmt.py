@@ -3,11 +3,14 @@
     DIR/SPLIT-NNNNNN.tar   per sample KEY.png|jpg|jpeg|webp (+ KEY.cls, ASCII class index)
     DIR/manifest.json      splits -> shards (name, count, bytes, sha256), classes, mean/std, ...
 
-The manifest: `load_manifest`, `write_manifest`, `split_shards`. The writer: `ShardWriter`
-(one tar, fixed metadata, so the same samples give the same bytes) and `tar_members` (a sample's
-encoded members, for writers that encode in worker processes). The reader: `read_samples`
-(webdataset sample dicts {"__key__", "__url__", EXT: bytes}, with seeking over the samples
-before `start`) and `image_bytes` / `label_of` for the fields a sample carries.
+The manifest: `load_manifest`, `write_manifest`, `split_shards`, and `Stats` (its mean/std).
+The writer: `ShardWriter` (one tar, fixed metadata, so the same samples give the same bytes)
+and `tar_members` (a sample's encoded members, for writers that encode in worker processes).
+The reader: `read_samples` (webdataset sample dicts {"__key__", "__url__", EXT: bytes}, with
+seeking over the samples before `start`) reads sslctl's shards and those of other writers
+(pax, GNU long names, webdataset's key rules); `image_ext` / `image_bytes` and `Labels` /
+`LabelKey` for the fields a sample carries. Where shards are (paths, URLs) is sslctl.streams'
+business; what a dataset spec names, sslctl.datasets'.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ def command(
     The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
     share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on the
     CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+    Streamed shards (URLs) resume exactly too, by the sample counts in RUN_DIR's data index;
+    a shard that breaks off is skipped, its samples replaced and counted in metrics.jsonl, and
+    if remote shards change after indexing the run goes on but is no longer exactly repeatable.
 
     Example:
 
@@ -54,6 +57,8 @@ def command(
         torchrun --nproc-per-node 4 -m sslctl pretrain shards/ --recipe simclr --out runs/simclr --set optim.lr=0.5
 
         sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4   (the same, torchrun started for you)
+
+        sslctl pretrain 'https://host/train-{000000..000099}.tar' --recipe simclr --out runs/web
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
