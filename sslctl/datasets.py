@@ -153,12 +153,13 @@ def _locations(spec: str) -> list[str]:
     if path.is_dir():
         tars = sorted(path.glob("*.tar")) or sorted(path.rglob("*.tar"))
         if not tars:
-            raise UserError(f"{spec}: no .tar shards in this directory (and no manifest.json)")
+            raise UserError(f"{path / MANIFEST}: no shards manifest here, nor .tar shards in {path}; make shards with "
+                            "`sslctl shard SRC OUT` and pass OUT, or pass a directory of WebDataset .tar shards")
         return [str(p.absolute()) for p in tars]
     if path.is_file():
         return [os.path.abspath(spec)]
-    raise UserError(f"{spec}: no such file or directory (expected sslctl shards, a directory of .tar shards, "
-                    "a pattern like data/train-{000000..000009}.tar, or a URL)")
+    raise UserError(f"{spec}: no such file or directory, so no shards manifest or .tar shards here; pass the OUT of "
+                    "`sslctl shard`, a directory of .tar shards, a pattern like data/train-{000000..000009}.tar, or a URL")
 
 
 def _split_locations(split: str, spec: str) -> list[str]:
