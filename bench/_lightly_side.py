@@ -1,4 +1,4 @@
-"""lightly's side of bench/compare.py (PROTOCOLS.md B1/B2): MoCo v2, SimCLR and BYOL written the
+"""lightly's side of bench/compare.py (docs/spec/protocols.md B1/B2): MoCo v2, SimCLR and BYOL written the
 way lightly's documentation examples write them (lightly examples/pytorch/moco.py, simclr.py,
 byol.py): a torchvision dataset with lightly's view transform, a plain DataLoader, the model as
 `backbone` + lightly heads (+ deep-copied momentum branch with `deactivate_requires_grad`),

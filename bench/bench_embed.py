@@ -1,4 +1,4 @@
-"""PROTOCOLS.md B4 (embed): `sslctl embed` images/s beside the model's forward pass alone on the
+"""docs/spec/protocols.md B4 (embed): `sslctl embed` images/s beside the model's forward pass alone on the
 same batches. Target: embed >= 0.9x forward alone.
 
     python bench/bench_embed.py SHARDS                           # resnet18, small stem, 32 px, test split
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sslctl.augment import eval_transform  # noqa: E402
 from sslctl.data import iter_shard, load_manifest, split_shards  # noqa: E402
 from sslctl.embed import embed, open_encoder, resolve_normalization  # noqa: E402
-from sslctl.train import resolve_device  # noqa: E402
+from sslctl.devices import resolve_device  # noqa: E402
 
 
 def forward_alone(model, batches, device, bf16: bool, repeats: int) -> float:

@@ -1,4 +1,4 @@
-"""PROTOCOLS.md B3: the cost of exact k-nearest-neighbour search for weighted kNN.
+"""docs/spec/protocols.md B3: the cost of exact k-nearest-neighbour search for weighted kNN.
 
     python bench/bench_knn.py --features FEATS           # 60k x 512 bank / 10k queries (B2 features)
     python bench/bench_knn.py --synthetic                # random unit vectors of the same sizes

@@ -1,4 +1,4 @@
-"""B4 (PROTOCOLS.md): read + decode throughput of shards (sslctl.data.make_loader) beside
+"""B4 (docs/spec/protocols.md): read + decode throughput of shards (sslctl.data.make_loader) beside
 torchvision ImageFolder + PIL on the same images.
 
 The same files two ways: a class folder of JPEGs (Fashion-MNIST train upscaled to --side px,

@@ -1,4 +1,4 @@
-"""B4 (PROTOCOLS.md): `sslctl shard` throughput beside `tar` of the same files.
+"""B4 (docs/spec/protocols.md): `sslctl shard` throughput beside `tar` of the same files.
 
 Two workloads:
   1. full Fashion-MNIST, idx source (70,000 raw 28x28 arrays -> lossless PNG in the shards);

@@ -1,4 +1,4 @@
-"""Training throughput of `sslctl pretrain` (PROTOCOLS.md B1), per recipe, with and without
+"""Training throughput of `sslctl pretrain` (docs/spec/protocols.md B1), per recipe, with and without
 channels_last and bf16 autocast.
 
 B1: Fashion-MNIST train (28 px, upscaled to 32 by the crop, gray replicated to 3 channels,
@@ -42,7 +42,7 @@ SETTINGS = {  # name -> (channels_last, bf16)
     "bf16": (False, True),
     "bf16 + channels_last": (True, True),
 }
-B1 = {  # PROTOCOLS.md B1, applied where the recipe has the key
+B1 = {  # docs/spec/protocols.md B1, applied where the recipe has the key
     "optim.batch_size": 128, "optim.name": "sgd", "optim.lr": 0.06, "optim.base_batch": 128,
     "optim.scaling": "linear", "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
     "schedule.lr_schedule": "cosine", "schedule.per": "step", "schedule.warmup_epochs": 0,

@@ -1,4 +1,4 @@
-"""sslctl beside lightly on the same work: PROTOCOLS.md B1 (throughput) and B2 (kNN after a
+"""sslctl beside lightly on the same work: docs/spec/protocols.md B1 (throughput) and B2 (kNN after a
 fixed budget of steps, or of wall-clock minutes), for MoCo v2, SimCLR and BYOL; AdCo (no lightly
 counterpart) beside sslctl's MoCo v2.
 

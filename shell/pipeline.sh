@@ -99,7 +99,7 @@ for label, suffix in rows:
     (linear,) = lines(f"linear{suffix}.jsonl")
     print(f"| {label} | " + " | ".join(f"{knn[p]:.2f}" for p in knn_cols) + f" | {linear['top1']:.2f} |")
 (probe,) = lines("linear.jsonl")
-print(f"\nkNN: weighted, cosine (PROTOCOLS.md E1); linear: {probe['protocol']} (E2). "
+print(f"\nkNN: weighted, cosine (docs/spec/protocols.md E1); linear: {probe['protocol']} (E2). "
       f"Bank {lines('knn.jsonl')[0]['n_bank']} train images, {lines('knn.jsonl')[0]['n_eval']} test images.")
 PY
 mv "$WORK/results.md.tmp" "$WORK/results.md"

@@ -1,4 +1,4 @@
-"""View pipelines from a recipe's [augment] section (METHODS.md §0.2), with torchvision.transforms.v2.
+"""View pipelines from a recipe's [augment] section (docs/spec/methods.md §0.2), with torchvision.transforms.v2.
 
 Every view is built from the same keys:
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sslctl import console
 from sslctl.artifacts import atomic_path, atomic_write_text
 from sslctl.errors import UserError
 
@@ -61,6 +62,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG states in rank order. Collective: every rank must call it."""
+    if world == 1:
+        return [rng_state()]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(states: list[dict[str, Any]], rank: int, world: int, warn: bool) -> None:
+    """This rank's RNG states from a checkpoint written by `len(states)` processes."""
+    if len(states) != world and warn:
+        console.warn(
+            f"the checkpoint was written by {len(states)} processes, this run has {world}: training continues, "
+            "but not bit-for-bit as the original run would have"
+        )
+    set_rng_state(states[rank % len(states)])
+
+
 # ---------------------------------------------------------------- save / load
 
 
@@ -84,22 +104,29 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
-# ---------------------------------------------------------------- recipe comparison
+# ---------------------------------------------------------------- resuming a run
 
 
-# Recipe keys added after runs had been saved without them, each with the behaviour the code had
-# before the key existed. A run saved without such a key resumes when the recipe given now keeps
-# that behaviour; with the other value it is a different recipe and is refused. A new recipe key
-# whose default is not the old behaviour must be listed here.
-ADDED_KEYS: dict[str, Any] = {
-    "method.fused_views": True,  # SimCLR (v1, v2), 2026-11-26: both views were always one batch
-    "method.sync_bn": False,  # SwAV, 2026-11-25: BN was per process before
-}
+def state_to_resume(run_dir: Path, resume: str, recipe_text: str, recipe_file: str,
+                    implied: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The checkpoint of RUN_DIR to continue (None: a fresh start). UserError (exit 2) when
+    resume is "never" and there is one, or when it was trained with another recipe."""
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    if resume == "never":
+        raise UserError(f"{run_dir} already holds a run ({path}); pass --resume auto to continue it or choose a new --out")
+    state = load(path)
+    check_same_recipe(state["recipe"], recipe_text, Path(run_dir) / "recipe.toml", recipe_file, implied=implied)
+    return state
+
+
 
 
 def first_difference(a: Any, b: Any, prefix: str = "", implied: dict[str, Any] | None = None) -> tuple[str, Any, Any] | None:
     """The first dotted key (sorted order) where two parsed recipes differ, with both values. A key
-    absent from `a` (the saved recipe) counts as `implied[key]` when `implied` lists it."""
+    absent from `a` (the saved recipe) counts as `implied[key]` when `implied` lists it: the
+    method's default for a key added after the run was saved (methods.method_defaults)."""
     implied = implied or {}
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -107,7 +134,7 @@ def first_difference(a: Any, b: Any, prefix: str = "", implied: dict[str, Any] |
             if key not in a and key in b and dotted in implied:
                 if b[key] == implied[dotted]:
                     continue
-                return dotted, f"<absent: {implied[dotted]!r} before the key existed>", b[key]
+                return dotted, f"<absent: the default {implied[dotted]!r}, saved before the key existed>", b[key]
             if key not in a or key not in b:
                 return dotted, a.get(key, "<absent>"), b.get(key, "<absent>")
             found = first_difference(a[key], b[key], dotted, implied)
@@ -117,9 +144,11 @@ def first_difference(a: Any, b: Any, prefix: str = "", implied: dict[str, Any] |
     return None if a == b else (prefix, a, b)
 
 
-def check_same_recipe(saved_text: str, current_text: str, saved_file: Path, current_file: str) -> None:
-    """UserError (exit 2) naming both recipe files and the first differing key."""
-    diff = first_difference(tomllib.loads(saved_text), tomllib.loads(current_text), implied=ADDED_KEYS)
+def check_same_recipe(saved_text: str, current_text: str, saved_file: Path, current_file: str,
+                      implied: dict[str, Any] | None = None) -> None:
+    """UserError (exit 2) naming both recipe files and the first differing key (`implied`: as
+    for `first_difference`)."""
+    diff = first_difference(tomllib.loads(saved_text), tomllib.loads(current_text), implied=implied)
     if diff is None:
         return
     key, was, now = diff

@@ -1,4 +1,4 @@
-"""`sslctl distill`: SimCLR v2's self-distillation (METHODS.md §2d) of a fine-tuned teacher.
+"""`sslctl distill`: SimCLR v2's self-distillation (docs/spec/methods.md §2d) of a fine-tuned teacher.
 
     TEACHER (an `sslctl finetune` run) + SHARDS (labels unused) -> RUN_DIR of the student
 
@@ -28,11 +28,13 @@ from torch import nn
 from sslctl import checkpoint as ckpt
 from sslctl.augment import build_views
 from sslctl.data import load_manifest, make_loader
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
-from sslctl.finetune import SUBSET_DIR, FineTune, RunOptions, StageEngine, read_run, resolve_stage_recipe, run_stage
+from sslctl.finetune import SUBSET_DIR, FineTune, log_top1, read_run, resolve_stage_recipe, stage_options
 from sslctl.losses.contrastive import fp32
 from sslctl.methods.base import Method
+from sslctl.run_data import RunData
+from sslctl.train import Engine
 
 OPTIM = {"name": "lars", "batch_size": 256, "lr": 0.1, "base_batch": 256, "scaling": "sqrt", "momentum": 0.9,
          "weight_decay": 1e-4, "exclude_bn_bias": True, "trust_coefficient": 0.001}
@@ -51,13 +53,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 class Distill(Method):
     """Student backbone + linear classifier against a frozen FineTune teacher.
-    Views: [images] or, with alpha < 1, [images, labelled images, labels]."""
+    Views: [images] or, with alpha < 1, [images, labelled images, labels] (`with_labelled_batches`).
+
+    One parameter group (the default): the student's classifier starts random and learns with its
+    backbone, LARS-adapted like every weight matrix. Kept out of the trust ratio (as FineTune's)
+    it would take LARS's raw lr (0.1 x sqrt(batch), sized for trust-scaled steps ~1000x smaller)
+    and, on 10 classes, diverge in a few steps."""
 
     n_views = 1
-    # The student's classifier starts random and learns with its backbone, LARS-adapted like every
-    # weight matrix. Kept out of the trust ratio it would take LARS's raw lr (0.1 x sqrt(batch),
-    # sized for trust-scaled steps ~1000x smaller) and, on 10 classes, diverge in a few steps.
-    lars_excluded = ()
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -66,7 +69,7 @@ class Distill(Method):
         self.teacher = FineTune(cfg["teacher"])
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.backbone = build_backbone(cfg["encoder"]["name"], small_stem=cfg["encoder"].get("small_stem", False))
+        self.backbone = build_encoder(cfg["encoder"])
         self.classifier = nn.Linear(self.backbone.feature_dim, int(cfg["teacher"]["method"]["num_classes"]))
 
     def train(self, mode: bool = True) -> "Distill":
@@ -131,23 +134,20 @@ class _WithLabelledBatch:
             yield [*views, *labelled_views, y], labels
 
 
-def _without_labels(engine: StageEngine):
-    return engine.loader  # views only: the unlabelled shards' labels (if any) are never used
-
-
-def _with_labelled_batches(subset: Path):
-    """A `wrap_loader` adding, per batch, a batch of the teacher's labelled subset (same views
-    and normalisation, this process's share of the global batch)."""
+def with_labelled_batches(subset: Path):
+    """The Engine's `wrap_loader` adding, per batch, a batch of the teacher's labelled subset (same
+    views and normalisation, this process's share of the global batch)."""
     labelled = load_manifest(subset)
     n = labelled["splits"]["train"]["count"]
 
-    def wrap(engine: StageEngine) -> _WithLabelledBatch:
-        per_rank = min(engine.batch_per_rank, n // engine.world)
+    def wrap(data: RunData, loader) -> _WithLabelledBatch:
+        per_rank = min(data.batch_per_rank, n // data.world)
         if per_rank < 1:
-            raise UserError(f"{subset}: {n} labelled images cannot feed {engine.world} processes")
-        loader = make_loader(labelled, "train", batch_size=per_rank, transform=build_views(engine.cfg["augment"], engine.mean, engine.std),
-                             workers=engine.workers, seed=engine.seed + 1, rank=engine.rank, world_size=engine.world)
-        return _WithLabelledBatch(engine.loader, loader)
+            raise UserError(f"{subset}: {n} labelled images cannot feed {data.world} processes")
+        views = build_views(data.cfg["augment"], data.mean, data.std)
+        return _WithLabelledBatch(loader, make_loader(labelled, "train", batch_size=per_rank, transform=views,
+                                                      workers=data.workers, seed=data.seed + 1, rank=data.rank,
+                                                      world_size=data.world))
 
     return wrap
 
@@ -165,9 +165,10 @@ def distill(
     **options,
 ) -> Path:
     """Distil the fine-tuned TEACHER into a `student` backbone on the shards' train split; write
-    and return the student's run dir `out`. `options`: finetune.RunOptions' keywords (device,
-    resume, seed, workers, max_steps, ...). Raises UserError for bad inputs."""
-    teacher, out, opts = Path(teacher), Path(out), RunOptions(**options)
+    and return the student's run dir `out`. `options`: RunOptions' fields (device, resume, seed,
+    workers, max_steps, ...). Raises UserError for bad inputs."""
+    teacher, out = Path(teacher), Path(out)
+    opts = stage_options(options, out)
     teacher_cfg, _ = read_run(teacher, "the teacher is a finished `sslctl finetune` run")
     if teacher_cfg["recipe"]["method"] != "sslctl.finetune:FineTune":
         raise UserError(
@@ -191,5 +192,9 @@ def distill(
         "teacher": teacher_cfg,  # the teacher's architecture: the run resumes without the teacher's directory
     }
     cfg = resolve_stage_recipe(cfg, overrides, "distill")
-    wrap = _with_labelled_batches(teacher / SUBSET_DIR) if cfg["method"]["alpha"] < 1.0 else _without_labels
-    return run_stage(shards, cfg, out, opts, eval_shards=load_manifest(shards), eval_split=eval_split, wrap_loader=wrap)
+    # alpha = 1: views only (the unlabelled shards' labels, if any, are never used)
+    wrap = with_labelled_batches(teacher / SUBSET_DIR) if cfg["method"]["alpha"] < 1.0 else None
+    engine = Engine(shards, cfg, out, opts, wrap_loader=wrap)
+    engine.run()
+    log_top1(engine, load_manifest(shards), eval_split)
+    return out

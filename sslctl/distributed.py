@@ -1,4 +1,4 @@
-"""torch.distributed primitives (METHODS.md §0.6). World size 1 never calls a collective.
+"""torch.distributed primitives (docs/spec/methods.md §0.6). World size 1 never calls a collective.
 
 Process groups are started by `init_from_env()` from torchrun's (or SLURM's) environment: nccl
 on CUDA, gloo on the CPU. Everything else here works with or without a process group.
@@ -184,3 +184,35 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             m.__class__ = GlooSyncBatchNorm  # same state, global statistics
     return module
+
+
+class _StepModule(nn.Module):
+    """What DDP wraps: the Method, with forward = training_step. Methods call their submodules
+    directly, so wrapping the backbone alone would miss the heads; wrapping the whole Method and
+    dispatching through forward lets DDP see one forward per step and all-reduce every
+    trainable parameter's gradient."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.method.training_step(views)
+
+
+def data_parallel(method: nn.Module, device: torch.device, compile: bool | str = False):
+    """The callable that runs `method.training_step`: DDP over the whole Method when distributed.
+    compile: torch.compile each child module in place (nn.Module.compile, so state_dict keys and
+    the encoder export are unchanged), with Inductor (True) or the named backend."""
+    if compile:
+        for child in method.children():
+            child.compile(backend=compile if isinstance(compile, str) else "inductor")
+    if world_size() == 1:
+        return method.training_step
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Buffers (queues, banks, BN statistics) are synced once at construction and then kept
+    # identical by the methods themselves; DDP's per-step buffer broadcast would copy a
+    # 65536-column queue every step.
+    return DDP(_StepModule(method), device_ids=[device.index] if device.type == "cuda" else None,
+               forward_sync_buffers=False)

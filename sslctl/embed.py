@@ -1,4 +1,4 @@
-"""`sslctl embed`: a frozen encoder + shards -> one features file (DESIGN.md §1, PROTOCOLS.md E1).
+"""`sslctl embed`: a frozen encoder + shards -> one features file (DESIGN.md §1, docs/spec/protocols.md E1).
 
 The features file is safetensors with `SPLIT.features` (N x D) and `SPLIT.labels` (N, int64,
 -1 when the shards are unlabelled) per split, rows in the shards' stored order, and metadata
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sslctl import console
 from sslctl.artifacts import atomic_path, provenance, sha256_file
 from sslctl.errors import UserError
+from sslctl.predict import predict
 
 FORMAT, VERSION = "sslctl-features", 1
 LAYERS = ("backbone", "projector")
@@ -225,7 +226,6 @@ def embed_shards(
     `model` must already be on `device` and in eval mode. A distributed embed gives each rank its
     own list of shards. on_batch(n) is called after every batch of n images (progress).
     labels(sample) reads a sample's label (default: its .cls; a dataset's: shardfmt.Labels)."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loader = DataLoader(
         _ShardBatches(shards, transform, batch_size, labels),
         batch_size=None,
@@ -234,20 +234,19 @@ def embed_shards(
         prefetch_factor=4 if workers > 0 else None,
     )
     pending: dict[int, tuple[list, list]] = {}
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for index, last, images, labels in loader:
-            feats, labs = pending.setdefault(index, ([], []))
-            if len(images):
-                x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                feats.append(model(x).float().cpu())
-                labs.append(labels)
-                if on_batch:
-                    on_batch(len(images))
-            if last:
-                del pending[index]
-                if not feats:
-                    raise UserError(f"{shards[index]}: the shard holds no images")
-                yield index, torch.cat(feats), torch.cat(labs).to(torch.int64)
+    batches = ((images, index, last, labels) for index, last, images, labels in loader)
+    for features, index, last, labels in predict(model, batches, device=device, bf16=bf16, channels_last=channels_last):
+        feats, labs = pending.setdefault(index, ([], []))
+        if len(features):
+            feats.append(features)
+            labs.append(labels)
+            if on_batch:
+                on_batch(len(features))
+        if last:
+            del pending[index]
+            if not feats:
+                raise UserError(f"{shards[index]}: the shard holds no images")
+            yield index, torch.cat(feats), torch.cat(labs).to(torch.int64)
 
 
 def embed_shard(model: nn.Module, tar_path: Path, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,8 +297,8 @@ def embed(
     from sslctl import distributed
     from sslctl.augment import eval_transform
     from sslctl.data import open_dataset, split_shards
+    from sslctl.devices import CHANNELS_LAST, default_amp, resolve_device
     from sslctl.shardfmt import Labels, shard_id
-    from sslctl.train import default_amp, default_channels_last, resolve_device
 
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
@@ -313,7 +312,7 @@ def embed(
     distributed.init_from_env(dev.type)
     rank, world = distributed.rank(), distributed.world_size()
     bf16 = default_amp(dev) if bf16 is None else bf16
-    channels_last = default_channels_last(dev) if channels_last is None else channels_last
+    channels_last = CHANNELS_LAST if channels_last is None else channels_last
     model = enc.model.to(dev).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -436,6 +435,18 @@ def read_features_metadata(path: str | Path) -> dict:
     decoded["bf16"] = meta.get("bf16") == "true"
     decoded["tensors"] = sorted(keys)
     return decoded
+
+
+def load_split_pair(path: str | Path, first: str, second: str) -> tuple[dict, tuple[torch.Tensor, torch.Tensor],
+                                                                       tuple[torch.Tensor, torch.Tensor]]:
+    """The metadata and two labelled splits of a features file (a kNN bank and its queries, a
+    probe's train and eval splits); UserError when their dimensions differ."""
+    meta = read_features_metadata(path)
+    a, b = load_split(path, first), load_split(path, second)
+    if a[0].shape[1] != b[0].shape[1]:
+        raise UserError(f"{path}: {first}.features has {a[0].shape[1]} dimensions but {second}.features has "
+                        f"{b[0].shape[1]}; embed both splits with the same encoder and layer")
+    return meta, a, b
 
 
 def load_split(path: str | Path, split: str, *, need_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ _CLASSIFIER_ATTRS = ("fc", "classifier", "heads", "head")
 
 
 def apply_small_stem(model: nn.Module) -> nn.Module:
-    """CIFAR stem (METHODS.md §0.3): 3x3 stride-1 conv1 with 64 channels and no max-pool."""
+    """CIFAR stem (docs/spec/methods.md §0.3): 3x3 stride-1 conv1 with 64 channels and no max-pool."""
     if not hasattr(model, "conv1") or not hasattr(model, "maxpool"):
         raise UserError(f"small_stem applies to ResNets only; {type(model).__name__} has no conv1/maxpool")
     model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)

@@ -1,4 +1,4 @@
-"""`sslctl finetune`: SimCLR v2's semi-supervised fine-tuning (METHODS.md §2e) of any pretrain run.
+"""`sslctl finetune`: SimCLR v2's semi-supervised fine-tuning (docs/spec/methods.md §2e) of any pretrain run.
 
     RUN (pretrained) + SHARDS (labelled) --labels 1% -> RUN_DIR
         labelled_keys.txt       the stratified labelled subset: one "KEY<TAB>CLASS" line per sample
@@ -12,7 +12,8 @@ README's 1%-label command: LARS, lr 0.005 x sqrt(batch), wd 0, no warmup, cosine
 60 epochs, global BN, crop + flip only.
 
 The training loop is train.py's Engine (checkpoints, exact resume, metrics, signals, DDP, bf16)
-driving the `FineTune` Method, through `StageEngine`, which also serves `sslctl distill`.
+driving the `FineTune` Method, which declares its initial weights and its optimiser groups; the
+Engine's loader wrapper `append_labels` hands it the labels. `sslctl distill` runs the same way.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import tarfile
 import tempfile
 import tomllib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +42,21 @@ from sslctl.augment import eval_transform
 from sslctl.data import load_manifest, make_loader, split_shards
 from sslctl.shardfmt import MANIFEST, ShardWriter, image_ext, read_samples, shard_name, write_manifest
 from sslctl.encoder_io import read_metadata
-from sslctl.encoders import build_backbone
+from sslctl.devices import resolve_device
+from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.methods.base import Method
-from sslctl.optim import build_optimizer
+from sslctl.optim import ParamGroup
+from sslctl.predict import predict_split
 from sslctl.recipes import load_recipe, recipe_to_toml
+from sslctl.run_options import RunOptions
 from sslctl.siamese import use_sync_bn
-from sslctl.train import CHECKPOINT_EVERY, LOG_EVERY, Engine, resolve_device
+from sslctl.train import Engine
 
 KEYS_FILE, SUBSET_DIR = "labelled_keys.txt", "labelled"
 
-# README 1%-label fine-tuning command (METHODS.md §2e); every key can be changed with --set.
+# README 1%-label fine-tuning command (docs/spec/methods.md §2e); every key can be changed with --set.
 OPTIM = {"name": "lars", "batch_size": 1024, "lr": 0.005, "base_batch": 1024, "scaling": "sqrt", "momentum": 0.9,
          "weight_decay": 0.0, "exclude_bn_bias": True, "trust_coefficient": 0.001}
 SCHEDULE = {"epochs": 60, "warmup_epochs": 0, "lr_schedule": "cosine", "per": "step", "final_lr": 0.0, "milestones": []}
@@ -195,17 +199,15 @@ def out_features(backbone: nn.Module, head: nn.Sequential) -> int:
 
 class FineTune(Method):
     """Encoder + the first `method.head_layers` layers of the pretrained head + a zero-initialised
-    linear classifier, trained with cross-entropy. Views: [images, labels] (StageEngine appends labels)."""
+    linear classifier, trained with cross-entropy. Views: [images, labels] (`append_labels`)."""
 
     n_views = 1
-    # Parameters StageEngine keeps out of LARS's trust ratio and weight decay: the zero-initialised
-    # classifier (SimCLR's head_supervised), which the trust ratio eta |w| / |g| would hold near 0.
-    lars_excluded = ("classifier.",)
+    defaults = {"method": {"sync_bn": False}}
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        enc, method = cfg["encoder"], cfg["method"]
-        self.backbone = build_backbone(enc["name"], small_stem=enc.get("small_stem", False))
+        method = cfg["method"]
+        self.backbone = build_encoder(cfg["encoder"])
         layers = int(method["head_layers"])
         self.projector = head_prefix(from_config(self.backbone.feature_dim, cfg["head"]), layers) if layers else nn.Sequential()
         self.classifier = nn.Linear(out_features(self.backbone, self.projector), int(method["num_classes"]))
@@ -221,6 +223,11 @@ class FineTune(Method):
         x, y = views
         logits = self.logits(x).float()
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(1) == y).float().mean().detach()}
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The zero-initialised classifier (SimCLR's head_supervised) gets neither weight decay nor
+        LARS's trust ratio, which (eta |w| / |g|) would hold it near 0."""
+        return self.param_groups_apart(lambda name: name.startswith("classifier."), weight_decay=0.0, adapt=False)
 
     def load_initial_weights(self) -> None:
         """The pretrained encoder and head layers from the source run's checkpoint."""
@@ -256,96 +263,35 @@ class _AppendLabels:
             yield [*views, labels], labels
 
 
-def _append_labels(engine: "StageEngine") -> _AppendLabels:
-    return _AppendLabels(engine.loader)
+def append_labels(data, loader) -> _AppendLabels:
+    """The Engine's `wrap_loader` for a Method that learns from the shards' labels."""
+    return _AppendLabels(loader)
 
 
-class StageEngine(Engine):
-    """train.py's Engine for a supervised stage (finetune, distill). Three differences:
-    the loader is wrapped by `wrap_loader(engine)` (by default the Method's views carry the
-    labels), the initial weights come from another run (`Method.load_initial_weights`, on a fresh
-    start), and parameters named under the Method's `lars_excluded` prefixes get neither weight
-    decay nor the LARS trust ratio (FineTune's classifier, as SimCLR excludes its supervised head)."""
-
-    def __init__(self, shards, cfg: dict, out_dir, *, wrap_loader: Callable[["StageEngine"], object] = _append_labels,
-                 eval_shards=None, eval_split: str | None = None, **engine_kwargs):
-        super().__init__(shards, cfg, out_dir, **engine_kwargs)
-        self.loader = wrap_loader(self)
-        self.eval_shards, self.eval_split = eval_shards, eval_split
-        if self._saved_step is None:  # fresh start (a resume restored everything in Engine.__init__)
-            self.method.load_initial_weights()
-            self.optimizer = self._stage_optimizer()
-
-    def _restore(self, state: dict) -> None:
-        self.optimizer = self._stage_optimizer()  # the checkpoint's optimizer has the stage's groups
-        super()._restore(state)
-
-    def _stage_optimizer(self) -> torch.optim.Optimizer:
-        excluded = self.method.lars_excluded  # str.startswith(()) is False: an empty tuple excludes nothing
-        named = [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer([np for np in named if not np[0].startswith(excluded)], self.cfg["optim"], self.peak_lr)
-        unadapted = [p for n, p in named if n.startswith(excluded)]
-        if unadapted:
-            optimizer.add_param_group({"params": unadapted, "weight_decay": 0.0, "adapt": False})
-        return optimizer
-
-    def run(self) -> Path:
-        out = super().run()
-        if self.main and self.eval_split:
-            top1 = accuracy(self.method, self.eval_shards, self.eval_split, int(self.cfg["augment"]["crop_size"]),
-                            self.mean, self.std, self.device, self.amp, self.workers)
-            self.write_metrics({"step": self.step, "eval_split": self.eval_split, "top1": top1})
-            console.log(f"top-1 of the classifier on {self.eval_split}: {top1:.2f}%")
-        return out
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a stage runs, not what it computes: `finetune(**options)` and `distill(**options)` take
-    these keywords, with `sslctl pretrain`'s meanings (train.pretrain)."""
-
-    device: str = "auto"
-    resume: str = "auto"
-    seed: int = 0
-    workers: int | None = None
-    max_steps: int | None = None
-    checkpoint_every: int = CHECKPOINT_EVERY
-    log_every: int = LOG_EVERY
-    amp: bool | None = None
-    channels_last: bool | None = None
-
-
-def run_stage(shards, cfg: dict, out: Path, options: RunOptions, *, eval_shards: dict, eval_split: str | None,
-              wrap_loader: Callable[[StageEngine], object] = _append_labels) -> Path:
-    """Train the stage recipe `cfg` on `shards` into the run dir `out`; the final classifier's
-    top-1 on `eval_split` of `eval_shards` (when that split exists) goes to metrics.jsonl."""
-    engine = StageEngine(
-        shards, cfg, out, wrap_loader=wrap_loader, eval_shards=eval_shards,
-        eval_split=eval_split if eval_split in eval_shards["splits"] else None,
-        compile=False, monitor_split=None, monitor_every=1, recipe_file=str(out / "recipe.toml"), **asdict(options),
-    )
-    return engine.run()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, shards, split: str, size: int, mean, std, device, amp: bool = False, workers: int = 0):
-    """(logits N x C, labels N) of `model.logits` over a split in stored order, eval mode."""
+def predict_logits(model: nn.Module, shards, split: str, size: int, mean, std, device, *, bf16: bool = False,
+                   channels_last: bool = False, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits N x C, labels N) of `model.logits` over a split in stored order (evaluation transform)."""
     loader = make_loader(shards, split, batch_size=256, transform=eval_transform(size, mean, std), workers=workers,
                          shuffle=False, drop_last=False, rank=0, world_size=1)
-    was_training = model.training
-    model.eval()
-    out, labels = [], []
-    for x, y in loader:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            out.append(model.logits(x.to(device)).float().cpu())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(out), torch.cat(labels)
+    return predict_split(model, model.logits, loader, device=torch.device(device), bf16=bf16, channels_last=channels_last)
 
 
-def accuracy(model, shards, split, size, mean, std, device, amp=False, workers=0) -> float:
-    logits, labels = predict(model, shards, split, size, mean, std, device, amp, workers)
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+def log_top1(engine: Engine, manifest: dict, split: str | None) -> None:
+    """The trained classifier's top-1 on `split` of the labelled shards, when they have it, into
+    the run's metrics.jsonl (rank 0)."""
+    if not engine.main or split not in manifest["splits"]:
+        return
+    logits, labels = predict_logits(engine.method, manifest, split, int(engine.cfg["augment"]["crop_size"]),
+                                    engine.data.mean, engine.data.std, engine.device, bf16=engine.amp,
+                                    channels_last=engine.channels_last, workers=engine.data.workers)
+    top1 = 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    engine.log.write({"step": engine.step, "eval_split": split, "top1": top1})
+    console.log(f"top-1 of the classifier on {split}: {top1:.2f}%")
+
+
+def stage_options(options: dict, out: Path) -> RunOptions:
+    """A stage's RunOptions: its errors name the run's own recipe.toml."""
+    return replace(RunOptions(**options), recipe_file=str(out / "recipe.toml"))
 
 
 def resolve_stage_recipe(cfg: dict, overrides: Iterable[str], name: str) -> dict:
@@ -387,9 +333,10 @@ def finetune(
 ) -> Path:
     """Fine-tune the pretrain run RUN on a stratified `labels` subset of the shards' `split`;
     write and return the run dir `out`. `eval_split` (when the shards have it) gets the final
-    classifier's top-1 in metrics.jsonl. `options`: RunOptions' keywords (device, resume, seed,
+    classifier's top-1 in metrics.jsonl. `options`: RunOptions' fields (device, resume, seed,
     workers, max_steps, ...). Raises UserError for bad inputs."""
-    run, out, opts = Path(run), Path(out), RunOptions(**options)
+    run, out = Path(run), Path(out)
+    opts = stage_options(options, out)
     source_cfg, meta = read_run(run, "fine-tuning starts from a finished `sslctl pretrain` run")
     manifest = load_manifest(shards)
     if not manifest.get("labelled"):
@@ -417,4 +364,7 @@ def finetune(
     }
     cfg = resolve_stage_recipe(cfg, overrides, "finetune")
     _fit_batch(cfg, n)
-    return run_stage(subset, cfg, out, opts, eval_shards=manifest, eval_split=eval_split)
+    engine = Engine(subset, cfg, out, opts, wrap_loader=append_labels)
+    engine.run()
+    log_top1(engine, manifest, eval_split)
+    return out

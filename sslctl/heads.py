@@ -1,6 +1,6 @@
 """Projector / predictor MLPs: the framework's "representation extraction" part.
 
-One builder covers every head in METHODS.md:
+One builder covers every head in docs/spec/methods.md:
 - MoCo v1:   mlp(D, [], 128)                                   (a single linear layer)
 - MoCo v2:   mlp(D, [D], 128, norm=False)                      (no BN in the head)
 - SimCLR v2: mlp(D, [D, D], 128, last_bias=False, last_norm=True)  (Linear-BN-ReLU x2, Linear-BN(no affine))

@@ -1,8 +1,9 @@
-"""Optimisers and schedules from a recipe's [optim] and [schedule] (METHODS.md §0.4, §0.5).
+"""Optimisers and schedules from a recipe's [optim] and [schedule] (docs/spec/methods.md §0.4, §0.5).
 
-- `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam.
-  `exclude_bn_bias` keeps 1-D parameters (BN weights/biases, biases) out of weight decay, and for
-  LARS out of the trust-ratio adaptation too (default: on for LARS, off for SGD / Adam).
+- `build_optimizer`: SGD (coupled L2 weight decay), LARS as in SimCLR, AdamW / Adam, over the
+  parameter groups a Method declares (`ParamGroup`). `exclude_bn_bias` keeps 1-D parameters (BN
+  weights/biases, biases) out of weight decay, and for LARS out of the trust-ratio adaptation too
+  (default: on for LARS, off for SGD / Adam).
 - `lr_at`: the lr of one step: linear warmup, then cosine (per step or per epoch), step decay at
   milestones, or constant. The loop writes it into every param group before `optimizer.step()`.
 - `cosine_tau`: BYOL's momentum schedule, tau rising from tau_base to 1.
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -67,42 +68,66 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _named(params) -> list[tuple[str, nn.Parameter]]:
-    """A Method / module (its trainable parameters) or an iterable of (name, param) or params."""
+@dataclass
+class ParamGroup:
+    """Trainable parameters that the optimiser treats alike (Method.param_groups declares them).
+
+    A field left None follows [optim]: the recipe's `weight_decay`, and LARS's trust ratio on,
+    except that with `exclude_bn_bias` 1-D tensors (BN weights, biases) get neither."""
+
+    params: list[tuple[str, nn.Parameter]]  # (name, parameter); frozen ones are skipped
+    weight_decay: float | None = None  # 0.0: no weight decay (e.g. a ViT's pos_embed and cls_token)
+    adapt: bool | None = None  # False: kept out of LARS's trust ratio (e.g. a zero-initialised classifier)
+
+
+def declared_groups(params) -> list[ParamGroup]:
+    """A Method (its `param_groups()`), a module (one group), ParamGroups, or an iterable of
+    (name, param) pairs or bare parameters (one group)."""
     if isinstance(params, nn.Module):
-        items = list(params.named_parameters())
-    else:
-        items = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
-    return [(n, p) for n, p in items if p.requires_grad]
+        declared = getattr(params, "param_groups", None)
+        return declared() if callable(declared) else [ParamGroup(list(params.named_parameters()))]
+    items = list(params)
+    if items and all(isinstance(g, ParamGroup) for g in items):
+        return items
+    return [ParamGroup([p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(items)])]
 
 
-def build_optimizer(method_or_named_params: nn.Module | Iterable, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
-    """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`.
+def build_optimizer(params, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
+    """The optimiser named by [optim] `name` (sgd | lars | adamw | adam) at peak lr `lr`, over
+    `params` as `declared_groups` reads them.
 
-    Parameters are split in two groups: 1-D tensors (BN weights and biases, all biases) and the
-    rest. With `exclude_bn_bias` the 1-D group gets no weight decay (and, for LARS, no trust ratio).
-    Each group's "lr" is then overwritten every step by the loop with `lr_at(...)`."""
+    Each declared group becomes one or two param groups: with `exclude_bn_bias` its 1-D tensors
+    (BN weights and biases, all biases) go to a second one without weight decay (and, for LARS,
+    without trust ratio), unless the declared group sets those itself. Each group's "lr" is then
+    overwritten every step by the loop with `lr_at(...)`."""
     name = optim_cfg.get("name", "sgd")
     wd = float(optim_cfg.get("weight_decay", 0.0))
     exclude = bool(optim_cfg.get("exclude_bn_bias", name == "lars"))
-    named = _named(method_or_named_params)
-    if not named:
+    groups = []
+    for declared in declared_groups(params):
+        trainable = [p for _, p in declared.params if p.requires_grad]
+
+        def options(flat: bool) -> dict:
+            return {"weight_decay": (0.0 if flat else wd) if declared.weight_decay is None else declared.weight_decay,
+                    "adapt": (not flat) if declared.adapt is None else declared.adapt}
+
+        flat = [exclude and p.ndim <= 1 for p in trainable]
+        if not any(flat) or options(False) == options(True):
+            parts = [(options(False), trainable)]
+        else:
+            parts = [(options(False), [p for p, f in zip(trainable, flat) if not f]),
+                     (options(True), [p for p, f in zip(trainable, flat) if f])]
+        groups += [{"params": ps, **opts} for opts, ps in parts if ps]
+    if not groups:
         raise UserError("the optimiser has no trainable parameters (every parameter has requires_grad=False)")
-    decay = [p for _, p in named if not (exclude and p.ndim <= 1)]
-    no_decay = [p for _, p in named if exclude and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": wd}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "adapt": False})
     momentum = float(optim_cfg.get("momentum", 0.9))
-    if name == "sgd":
-        for g in groups:
-            g.pop("adapt", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=float(optim_cfg.get("trust_coefficient", 0.001)))
+    for g in groups:
+        g.pop("adapt")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(optim_cfg.get("nesterov", False)))
     if name in ("adamw", "adam"):
-        for g in groups:
-            g.pop("adapt", None)
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         betas = tuple(float(b) for b in optim_cfg.get("betas", (0.9, 0.999)))
         return cls(groups, lr=lr, betas=betas, eps=float(optim_cfg.get("eps", 1e-8)))

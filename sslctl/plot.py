@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sslctl import console
 from sslctl.artifacts import atomic_path
 from sslctl.errors import UserError
 
@@ -49,16 +50,21 @@ def reduce_2d(x: torch.Tensor, method: str, seed: int = 0) -> torch.Tensor:
 
 
 def embedding_map(
-    features: str | Path, out: str | Path, *, method: str = "pca", split: str = "test", max_points: int = 5000, seed: int = 0
+    features: str | Path, out: str | Path, *, method: str = "pca", split: str | None = None, max_points: int = 5000,
+    seed: int = 0,
 ) -> Path:
-    """Scatter of `split`'s features in 2-D, coloured by label, legend with the class names.
-    At most max_points rows (a seeded random subset) are drawn."""
+    """Scatter of `split`'s features (None: test, else val, else the first split) in 2-D,
+    coloured by label, legend with the class names. At most max_points rows (a seeded random
+    subset) are drawn."""
     from sslctl.embed import load_split, read_features_metadata
+    from sslctl.evaluate.splits import default_eval_split
 
     if method not in METHODS:
         raise UserError(f"--method {method}: expected one of {', '.join(METHODS)}")
     meta = read_features_metadata(features)
+    split = split or default_eval_split(meta["splits"] or []) or (meta["splits"] or ["train"])[0]
     x, y = load_split(features, split, need_labels=False)
+    console.log(f"plot: split {split}, {min(len(x), max_points)} of its {len(x)} points")
     if len(x) > max_points:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points].sort().values
         x, y = x[keep], y[keep]

@@ -9,8 +9,9 @@ recipe's CIFAR-size version lives in the same file. Resolution order:
 The resolved dict has no `variants` table and records the chosen variant in `recipe.variant`;
 `recipe_to_toml` writes it back so a run directory holds its own reproducible recipe.
 
-Validation is by example: the keys a recipe lists are the keys it accepts (so a recipe lists every
-key its method reads). A per-view table `[augment.viewN]` may take any plain key of `[augment]`.
+Validation is by example: the keys a recipe lists, and its method's `defaults` (methods/base.py)
+for the keys it leaves out, are the keys it accepts. A per-view table `[augment.viewN]` may take
+any plain key of `[augment]`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def load_recipe(
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a TOML text file (byte {err.start} is not UTF-8 text); a recipe is a "
+                        f".toml file like {RECIPES_DIR / 'moco_v2.toml'}") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read the recipe: {err}") from None
 
@@ -101,6 +105,8 @@ def load_recipe(
         raise UserError(f"{path}: `variants` must be a table of [variants.NAME.SECTION] tables")
     cfg = copy.deepcopy(raw)
     _check_sections(cfg, path)
+    _check_known_keys(cfg, path)
+    _fill_defaults(cfg)
     recorded = cfg["recipe"].get("variant")  # a resolved recipe (run dir) already chose one
 
     chosen = _pick_variant(variant, variants, image_size, recorded, path)
@@ -121,6 +127,7 @@ def load_recipe(
 
     _check_views(cfg, path)
     _check_choices(cfg, path)
+    _check_ranges(cfg, path)
     return cfg
 
 
@@ -152,13 +159,26 @@ def _pick_variant(variant: str, variants: dict, image_size: int | None, recorded
 def _check_sections(cfg: dict, path: Path) -> None:
     missing = [s for s in REQUIRED_SECTIONS if not isinstance(cfg.get(s), dict)]
     if missing:
+        extra = [s for s in cfg if s not in REQUIRED_SECTIONS]
+        typos = [f"[{close[0]}]" for s in missing if (close := difflib.get_close_matches(s, extra, n=1))]
+        hint = f" (a typo: {', '.join(typos)}?)" if typos else ""
         raise UserError(
-            f"{path}: missing section(s) {', '.join('[' + s + ']' for s in missing)}; every recipe has "
+            f"{path}: missing section(s) {', '.join('[' + s + ']' for s in missing)}{hint}; every recipe has "
             f"{', '.join('[' + s + ']' for s in REQUIRED_SECTIONS)} (see recipes/moco_v2.toml)"
         )
     for key in ("name", "method"):
         if not isinstance(cfg["recipe"].get(key), str):
             raise UserError(f"{path}: [recipe] needs a string `{key}` (e.g. {key} = \"moco\")")
+
+
+def _fill_defaults(cfg: dict) -> None:
+    """Keys the recipe's method reads that the file does not list take the method's defaults
+    (Method.defaults), so a key added to a method needs no change to existing recipes."""
+    from sslctl.methods import method_defaults  # the methods import this module
+
+    for dotted, value in method_defaults(cfg).items():
+        section, key = dotted.split(".", 1)
+        cfg.setdefault(section, {}).setdefault(key, copy.deepcopy(value))
 
 
 def _flatten(table: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -182,13 +202,18 @@ def _unknown(key: str, cfg: dict, path: Path, origin: str, what: str = "key") ->
         valid = [f"augment.{m.group(1)}.{k}" for k, v in cfg["augment"].items() if not isinstance(v, dict)]
     else:
         valid = _valid_keys(cfg)
+    return UserError(f"{path}: unknown {what} '{key}' (from {origin}).{_closest(key, valid)} "
+                     f"`sslctl recipes {path.stem}` lists every key.")
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    """' Closest valid key: X.' for a typo, or ''."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # e.g. a misspelt section: compare the last parts
         tails = [v.rsplit(".", 1)[-1] for v in valid]
         best = difflib.get_close_matches(key.rsplit(".", 1)[-1], tails, n=1)
         close = [valid[tails.index(best[0])]] if best else []
-    hint = f" Closest valid key: {close[0]}." if close else ""
-    return UserError(f"{path}: unknown {what} '{key}' (from {origin}).{hint} `sslctl recipes {path.stem}` lists every key.")
+    return f" Closest valid key: {close[0]}." if close else ""
 
 
 def _assign(cfg: dict, key: str, value: Any, path: Path, origin: str) -> None:
@@ -298,6 +323,72 @@ def _check_choices(cfg: dict, path: Path) -> None:
                 close = difflib.get_close_matches(str(table[key]), allowed, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UserError(f"{path}: {name} = {_toml_value(table[key])} must be one of {', '.join(allowed)}{hint}")
+
+
+def _shipped_keys(method: str) -> tuple[list[str], list[str]]:
+    """(every dotted key of sslctl's own recipes for `method`, their names). Empty for a method
+    sslctl ships no recipe for (a plugin's): then there is nothing to compare a file against."""
+    keys, names = set(), []
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        raw = tomllib.loads(path.read_text())
+        if raw.get("recipe", {}).get("method") == method:
+            raw.pop("variants", None)
+            keys.update(_valid_keys(raw))
+            names.append(path.stem)
+    return sorted(keys), names
+
+
+def _check_known_keys(cfg: dict, path: Path) -> None:
+    """A recipe file may only use keys that sslctl's recipes of its method or the method's
+    defaults have (together every key the method reads), so a typo in a file fails like a typo
+    in --set."""
+    from sslctl.methods import method_defaults  # the methods import this module
+
+    shipped, names = _shipped_keys(cfg["recipe"]["method"])
+    if not shipped:
+        return
+    valid = sorted(set(shipped) | set(method_defaults(cfg)))
+    sections = {key.split(".", 1)[0] for key in valid}
+    for section, table in cfg.items():
+        pairs = _flatten(table) if isinstance(table, dict) else [(None, table)]
+        for key, _ in pairs:
+            dotted = section if key is None else f"{section}.{key}"
+            per_view = section == "augment" and key is not None and _VIEW_TABLE.match(key.split(".")[0]) and "." in key
+            if dotted in valid or dotted == "recipe.variant" or per_view:  # per-view keys: _check_views
+                continue
+            if section in sections:
+                what, name, hint = "key", dotted, _closest(dotted, valid)
+            else:
+                close = difflib.get_close_matches(section, sorted(sections), n=1)
+                what, name, hint = "section", section, f" Closest valid section: [{close[0]}]." if close else ""
+            raise UserError(f"{path}: unknown {what} '{name}' (from the file).{hint} `sslctl recipes {names[0]}` "
+                            f"prints a {cfg['recipe']['method']} recipe with its keys.")
+
+
+# Bounds of numeric keys, by the key's last part: (pattern, test, what the value must be).
+RANGES = [
+    (r"temperature", lambda v: v > 0, "> 0"),
+    (r"(batch_size|base_batch|epochs|views|crop_size)", lambda v: v >= 1, ">= 1"),
+    (r"lr", lambda v: v > 0, "> 0"),
+    (r"(.*weight_decay|warmup_epochs|warmup_steps|final_lr|warmup_start_lr)", lambda v: v >= 0, ">= 0"),
+    (r"(.*_p|.*momentum|base_tau)", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
+def _check_ranges(cfg: dict, path: Path) -> None:
+    for section, table in cfg.items():
+        if not isinstance(table, dict):
+            continue
+        for key, value in _flatten(table):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            for pattern, ok, expected in RANGES:
+                if re.fullmatch(pattern, key.rsplit(".", 1)[-1]):
+                    if not (math.isfinite(value) and ok(value)):
+                        dotted = f"{section}.{key}"
+                        raise UserError(f"{path}: {dotted} = {_toml_value(value)} must be {expected}; change it in "
+                                        f"the recipe or override it with --set {dotted}=VALUE")
+                    break
 
 
 # ---------------------------------------------------------------------------------------------

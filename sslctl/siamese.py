@@ -1,5 +1,5 @@
 """Parts shared by the two-branch methods (MoCo, AdCo, BYOL): the momentum copy and its EMA,
-shuffle-BN for the key encoder (METHODS.md §0.6), SplitBatchNorm, and the collapse signal.
+shuffle-BN for the key encoder (docs/spec/methods.md §0.6), SplitBatchNorm, and the collapse signal.
 
 Kept out of sslctl/methods/ because every module there is a method (methods.available())."""
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslctl import distributed as dist
+from sslctl.losses.similarity import cosine
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -81,19 +82,19 @@ def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
 
 
 @torch.no_grad()
-def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True) -> torch.Tensor:
-    """Key features with shuffle-BN (METHODS.md §0.6), L2-normalised, for the WHOLE global batch
-    in rank order (N x D), so callers need no second gather.
+def shuffled_keys(encoder: nn.Module, x: torch.Tensor, shuffle: bool = True, similarity=cosine) -> torch.Tensor:
+    """Key features with shuffle-BN (docs/spec/methods.md §0.6), made into `similarity`'s form
+    (L2-normalised), for the WHOLE global batch in rank order (N x D), so callers need no second gather.
 
     Several processes: gather the images, draw a permutation on rank 0 and broadcast it, encode
     this rank's slice of the permuted batch, gather and undo the permutation. One process: shuffle
     within the batch (meaningful with SplitBatchNorm in the encoder)."""
     if not shuffle:
-        return dist.gather_no_grad(F.normalize(encoder(x), dim=1))
+        return dist.gather_no_grad(similarity(encoder(x)))
     x_all = dist.gather_no_grad(x)
     perm = dist.broadcast(torch.randperm(x_all.shape[0], device=x.device))
     mine = perm.view(dist.world_size(), -1)[dist.rank()]
-    k = dist.gather_no_grad(F.normalize(encoder(x_all[mine]), dim=1))
+    k = dist.gather_no_grad(similarity(encoder(x_all[mine])))
     return k[torch.argsort(perm)]
 
 

@@ -1,7 +1,8 @@
 """Dataset sources for `sslctl shard`: turn SRC into named splits of items, without reading pixels.
 
 Five kinds (issue 2), detected by `open_source` unless forced:
-    folder  class subfolders (ImageFolder layout), optionally under train/ val/ test/
+    folder  class subfolders (ImageFolder layout), optionally under train/ val/ test/; a tree
+            that looks like one but has images elsewhere is refused, not read unlabelled
     images  images at any depth, no labels (the usual pretraining case)
     idx     MNIST / Fashion-MNIST idx files, gzipped or not
     cifar   CIFAR-10 / CIFAR-100 python pickle batches
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
+from sslctl import console
 from sslctl.errors import UserError
 
 KINDS = ("folder", "images", "idx", "cifar", "csv")
@@ -83,43 +86,50 @@ def open_source(src: str | os.PathLike, kind: str = "auto") -> Source:
         raise UserError(f"{path}: no such file or directory (expected an image folder, idx/CIFAR files or a CSV list)")
     if kind not in ("auto", *KINDS):
         raise UserError(f"--source {kind!r}: unknown source; choose one of auto, {', '.join(KINDS)}")
-    layouts = None
+    layouts, why = None, f"--source {kind}"
     if kind == "auto":
-        kind, layouts = detect_kind(path)
+        kind, layouts, why = detect_kind(path)
     if kind == "folder":
         source = _folder(path, layouts)
     else:
         source = {"images": _images, "idx": _idx, "cifar": _cifar, "csv": _csv}[kind](path)
     if not any(source.splits.values()):
         raise UserError(f"{path}: empty source ({kind}): no images found; check the path")
+    splits = ", ".join(source.splits)
+    classes = f"{len(source.classes)} classes" if source.classes else "no labels"
+    console.log(escape(f"source: {DESCRIPTIONS[kind]} {path} ({why}): {classes}, split(s) {splits}"))
     return source
 
 
-def detect_kind(path: Path) -> tuple[str, dict | None]:
-    """(kind, the class-folder listing when it is "folder", so it is not listed twice)."""
+DESCRIPTIONS = {"folder": "class folders under", "images": "unlabelled images under", "idx": "idx files in",
+                "cifar": "CIFAR batches in", "csv": "a list of images in"}
+
+
+def detect_kind(path: Path) -> tuple[str, dict | None, str]:
+    """(kind, the folder layouts when it is "folder", so the tree is not listed twice, why).
+    UserError for a tree that looks like class folders but is not consistent."""
     if path.is_file():
         name = path.name.lower()
         if name.endswith((".csv", ".tsv")):
-            return "csv", None
+            return "csv", None, "a .csv/.tsv file"
         if "idx3-ubyte" in name:
-            return "idx", None
+            return "idx", None, "an idx3-ubyte file"
         if name.startswith(("data_batch", "test_batch")) or name in ("train", "test"):
-            return "cifar", None
+            return "cifar", None, "a CIFAR batch's name"
         raise UserError(
             f"{path}: cannot tell what kind of source this file is; pass a folder, an idx or CIFAR file, "
             "or a .csv/.tsv list, or force one with --source"
         )
     names = {p.name for p in path.iterdir()}
     if any(_IDX_IMAGES.match(n) for n in names):
-        return "idx", None
+        return "idx", None, "*-images-idx3-ubyte files"
     if "data_batch_1" in names or {"train", "meta"} <= names:
-        return "cifar", None
-    layouts = {split: _class_layout(root) for split, root in _split_roots(path).items()}
-    if all(layout for layout, _ in layouts.values()) and len(
-        {os.path.basename(d) for layout, _ in layouts.values() for d in layout}
-    ) >= 2:
-        return "folder", layouts
-    return "images", None
+        return "cifar", None, "CIFAR batch files"
+    layouts = {split: _survey(root) for split, root in _split_roots(path).items()}
+    why_not = _why_not_class_folders(path, layouts)
+    if why_not is None:
+        return "folder", layouts, "every image is in a class folder"
+    return "images", None, f"not class folders: {why_not}"
 
 
 # ---------------------------------------------------------------- image folders
@@ -132,17 +142,35 @@ def _scan(folder: str) -> tuple[list[str], list[str], int]:
     """(image files, subfolders, how many other files) directly in `folder`, sorted, hidden
     ones left out. os.scandir's cached entry types: no stat call per file while listing."""
     images, dirs, others = [], [], 0
-    with os.scandir(folder) as entries:
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                dirs.append(e.path)
-            elif _is_image(e.name):
-                images.append(e.path)
-            else:
-                others += 1
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    dirs.append(e.path)
+                elif _is_image(e.name):
+                    images.append(e.path)
+                else:
+                    others += 1
+    except OSError as err:
+        raise UserError(f"{folder}: cannot list this folder ({err.strerror}); check its permissions (ls -ld) "
+                        "or move it out of the source") from None
     return sorted(images), sorted(dirs), others
+
+
+def _enter(folder: str, ancestors: tuple) -> tuple:
+    """`ancestors` and this folder's identity; UserError when it is one of them: a symbolic link
+    that leads back up the tree would be walked forever."""
+    try:
+        st = os.stat(folder)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot read this folder ({err.strerror}); fix or remove it") from None
+    identity = (st.st_dev, st.st_ino)
+    if identity in ancestors:
+        raise UserError(f"{folder}: a symbolic link loop (it leads back to {os.path.realpath(folder)}, which holds it); "
+                        "remove the link, or shard a folder without it")
+    return (*ancestors, identity)
 
 
 def _split_roots(path: Path) -> dict[str, str]:
@@ -160,26 +188,94 @@ def _split_roots(path: Path) -> dict[str, str]:
     return {"train": str(path)}
 
 
-def _class_layout(root: str) -> tuple[dict[str, list[str]], int]:
-    """({class folder: its images}, other files) if `root` is ImageFolder-shaped (images only at
-    depth 1), else ({}, 0)."""
-    images, dirs, ignored = _scan(root)
-    if images:
-        return {}, 0
-    layout = {}
+@dataclass
+class Layout:
+    """One split's folder, by where its images are: class folders hold them at depth 1."""
+
+    root: str
+    classes: dict[str, list[str]]  # subfolder -> the images directly in it
+    loose: list[str]  # images directly in the root
+    deep: list[str]  # images below the subfolders' level
+    empty: list[str]  # subfolders without any image
+    ignored: int  # files without an image extension
+
+    @property
+    def strays(self) -> list[str]:
+        return self.loose + self.deep
+
+    @property
+    def looks_labelled(self) -> bool:
+        """Two or more folders of images that hold most of the images: meant as class folders."""
+        return len(self.classes) >= 2 and sum(map(len, self.classes.values())) >= len(self.strays)
+
+
+def _survey(root: str) -> Layout:
+    top = _enter(root, ())
+    loose, dirs, ignored = _scan(root)
+    classes, deep, empty = {}, [], []
     for d in dirs:
-        layout[d], subdirs, others = _scan(d)
+        inside = _enter(d, top)
+        direct, subdirs, others = _scan(d)
         ignored += others
-        if any(_walk_images(s)[0] for s in subdirs):
-            return {}, 0
-    return layout, ignored
+        below = []
+        for sub in subdirs:
+            more, others = _walk_images(sub, inside)
+            below += more
+            ignored += others
+        if direct:
+            classes[d] = direct
+        elif not below:
+            empty.append(d)
+        deep += below
+    return Layout(root, classes, loose, deep, empty, ignored)
 
 
-def _walk_images(root: str) -> tuple[list[str], int]:
+def _why_not_class_folders(path: Path, layouts: dict[str, Layout]) -> str | None:
+    """None for a consistent class-folder tree, else why it is read as unlabelled images.
+    UserError for a tree that looks labelled but is not consistent (labels would be dropped)."""
+    names = {os.path.basename(d) for layout in layouts.values() for d in layout.classes}
+    strays = [p for layout in layouts.values() for p in layout.strays]
+    classless = [layout.root for layout in layouts.values() if not layout.classes]
+    if len(names) >= 2 and not strays and not classless:
+        empty = sorted({os.path.basename(d) for layout in layouts.values() for d in layout.empty} - names)
+        if empty:
+            folders = [_rel(d, path) for layout in layouts.values() for d in layout.empty if os.path.basename(d) in empty]
+            raise UserError(f"{path}: empty class folder(s) {', '.join(folders)}: no images in any split; remove them or "
+                            "put their images in them (the classes are the folder names), or pass --source folder to "
+                            "leave them out")
+        return None
+    if any(layout.looks_labelled for layout in layouts.values()):
+        n = len(strays)
+        where = f"{n} image{'s' if n != 1 else ''} outside them: {_examples(strays, path)}" if strays else \
+            f"{', '.join(_rel(r, path) for r in classless)} has no class folders"
+        raise UserError(
+            f"{path}: looks like class folders (CLASS/IMAGE files, optionally under train/ val/ test/) but {where}. "
+            "Move them into class folders or out of the source; or pass --source folder to keep the labels and "
+            "leave them out, or --source images to read every image without labels"
+        )
+    first = next(iter(layouts.values()))
+    if first.loose:
+        return f"{len(first.loose)} images directly in {first.root}"
+    if not first.classes:
+        return "the images are below the first level of folders (class folders hold CLASS/IMAGE files)"
+    return "only one folder of images" if len(names) < 2 else "most images are outside the folders"
+
+
+def _rel(p: str, path: Path) -> str:
+    return os.path.relpath(p, path).replace(os.sep, "/")
+
+
+def _examples(files: list[str], path: Path, n: int = 5) -> str:
+    shown = ", ".join(_rel(f, path) for f in files[:n])
+    return shown + (f" and {len(files) - n} more" if len(files) > n else "")
+
+
+def _walk_images(root: str, ancestors: tuple = ()) -> tuple[list[str], int]:
     """(every image below root, depth first in sorted order, how many other files)."""
+    ancestors = _enter(root, ancestors)
     images, dirs, ignored = _scan(root)
     for d in dirs:
-        more, others = _walk_images(d)
+        more, others = _walk_images(d, ancestors)
         images += more
         ignored += others
     return images, ignored
@@ -207,27 +303,32 @@ def _file_items(root: str, files: list[str], labels: list[int | None]) -> tuple[
     return items, h
 
 
-def _folder(path: Path, layouts: dict | None = None) -> Source:
+def _folder(path: Path, layouts: dict[str, Layout] | None = None) -> Source:
+    """Class folders. Forced (--source folder), images outside them and folders without images
+    are left out, with a warning naming them."""
     if not path.is_dir():
         raise UserError(f"{path}: --source folder needs a directory of class subfolders")
-    roots = _split_roots(path)
-    layouts = layouts or {split: _class_layout(root) for split, root in roots.items()}
-    for split, (classes, _) in layouts.items():
-        if not classes:
-            raise UserError(
-                f"{roots[split]}: not a class-folder layout (expected CLASS/IMAGE files, one subfolder per class, "
-                "no images at other depths); use --source images for unlabelled data"
-            )
-    classes = sorted({os.path.basename(d) for layout, _ in layouts.values() for d in layout})
+    layouts = layouts or {split: _survey(root) for split, root in _split_roots(path).items()}
+    if not any(layout.classes for layout in layouts.values()):
+        raise UserError(f"{path}: not a class-folder layout (expected CLASS/IMAGE files, one subfolder per class); "
+                        "use --source images for unlabelled data")
+    strays = [p for layout in layouts.values() for p in layout.strays]
+    if strays:
+        console.warn(escape(f"--source folder: left out {len(strays)} image(s) outside the class folders: "
+                            f"{_examples(strays, path)}"))
+    layouts = {split: layout for split, layout in layouts.items() if layout.classes}
+    classes = sorted({os.path.basename(d) for layout in layouts.values() for d in layout.classes})
+    empty = [_rel(d, path) for layout in layouts.values() for d in layout.empty if os.path.basename(d) not in classes]
+    if empty:
+        console.warn(escape(f"--source folder: left out folder(s) without images (not classes): {', '.join(empty)}"))
     index = {name: i for i, name in enumerate(classes)}
     digest, splits = hashlib.sha256(), {}
-    for split, root in roots.items():
-        layout = layouts[split][0]
-        files = [p for images in layout.values() for p in images]
-        labels = [index[os.path.basename(d)] for d, images in layout.items() for _ in images]
-        splits[split], h = _file_items(root, files, labels)
+    for split, layout in layouts.items():
+        files = [p for images in layout.classes.values() for p in images]
+        labels = [index[os.path.basename(d)] for d, images in layout.classes.items() for _ in images]
+        splits[split], h = _file_items(layout.root, files, labels)
         digest.update(f"{split}:{h.hexdigest()}\n".encode())
-    ignored = sum(n for _, n in layouts.values())
+    ignored = sum(layout.ignored for layout in layouts.values())
     return Source("folder", path, splits, classes, digest.hexdigest(), ignored=ignored)
 
 

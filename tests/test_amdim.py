@@ -1,4 +1,4 @@
-"""AMDIM (METHODS.md §6): the encoder's maps, the multiscale NCE (1/sqrt(d), tanh clip, score
+"""AMDIM (docs/spec/methods.md §6): the encoder's maps, the multiscale NCE (1/sqrt(d), tanh clip, score
 regulariser) against hand-computed values and the spec's sanity values, the shared flip, the
 recipe, and a short real Fashion-MNIST run (slow).
 

@@ -1,4 +1,4 @@
-"""CPC v2 (METHODS.md §7): the patch grid, the LayerNorm patch encoder (no leakage between
+"""CPC v2 (docs/spec/methods.md §7): the patch grid, the LayerNorm patch encoder (no leakage between
 patches), the masked context network's autoregressive property (checked with autograd), the
 row-offset InfoNCE against a naive reference and the spec's sanity value, and a short real
 Fashion-MNIST run (slow) checked on held-out images."""

@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sslctl.data import ShardDataset, decode_tensor, iter_shard, make_loader
+from sslctl.data import decode_tensor, iter_shard, make_loader
 from sslctl.datasets import open_dataset
 from sslctl.errors import UserError
 from sslctl.shardfmt import Labels, split_shards
@@ -138,6 +138,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def http_root(tmp_path_factory, foreign):
     """An HTTP server on 127.0.0.1 serving a copy of the foreign shards: (base URL, root, handler)."""
+    pytest.importorskip("aiohttp", reason="reading http(s):// shards needs aiohttp (fsspec's HTTP backend): "
+                        "pip install -e .[test]")
     root = tmp_path_factory.mktemp("www")
     for name, folder in foreign.items():
         shutil.copytree(folder, root / name)
@@ -203,8 +205,9 @@ def test_http_pattern_is_indexed_once_and_read_like_local_disk(http_root, foreig
 
 
 def test_s3_through_a_real_s3_server(foreign, images, tmp_path, monkeypatch, capsys, one_thread):
-    s3fs = pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
+    why = "reading s3:// needs s3fs, and this test moto's S3 server: pip install -e .[test]"
+    s3fs = pytest.importorskip("s3fs", reason=why)
+    moto_server = pytest.importorskip("moto.server", reason=why)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

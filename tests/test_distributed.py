@@ -1,4 +1,4 @@
-"""Data-parallel training and embedding (issue 5; METHODS.md §0.6 and each method's part (f)).
+"""Data-parallel training and embedding (issue 5; docs/spec/methods.md §0.6 and each method's part (f)).
 
 Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
 semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
@@ -63,7 +63,7 @@ FROZEN_BN = {"moco_v2", "adco"}  # see the module docstring
 # off), so elementwise comparison fails on some CPUs. In norm the 2 ranks stayed within 0.9%
 # (SwAV), 0.5% (SimCLR) and below 0.1% (MoCo v2, AdCo, BYOL) on that CPU.
 UPDATE_TOLERANCE = 3e-2
-PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (METHODS.md §4f), its shape depends on W
+PER_RANK = {"queue"}  # SwAV's queue: each rank keeps its own shard (docs/spec/methods.md §4f), its shape depends on W
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -125,13 +125,12 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     """STEPS training steps of the real engine (DDP when distributed) on fixed global views;
     this process feeds its rank's slice. Returns what the tests compare."""
     from sslctl.recipes import load_recipe
+    from sslctl.run_options import RunOptions
     from sslctl.train import Engine
 
     cfg = load_recipe(name, variant="small", overrides=[*TINY, *METHODS[name], *(extra or [])])
-    engine = Engine(
-        shards, cfg, out, device="cpu", resume="never", seed=0, workers=0, compile=False, checkpoint_every=500,
-        log_every=1, monitor_split=None, monitor_every=1, max_steps=None, channels_last=False, amp=False, recipe_file=None,
-    )
+    options = RunOptions(device="cpu", resume="never", seed=0, workers=0, log_every=1, channels_last=False, amp=False)
+    engine = Engine(shards, cfg, out, options)
     engine.method.train()
     if name in FROZEN_BN:
         for m in engine.method.modules():
@@ -142,11 +141,11 @@ def _engine_steps(name: str, shards: Path, out: Path, extra: list[str] | None = 
     mine = slice(dist.rank() * n, (dist.rank() + 1) * n)
     losses = []
     for step in range(STEPS):
-        losses.append(engine._train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
+        losses.append(engine.train_step([v[mine] for v in _global_views(cfg, step)])["loss"])
         engine.step += 1
     return {
         "losses": losses, "before": before, "after": {k: v.clone() for k, v in engine.method.state_dict().items()},
-        "peak_lr": engine.peak_lr, "batch_per_rank": engine.batch_per_rank, "world": engine.world,
+        "peak_lr": engine.peak_lr, "batch_per_rank": engine.data.batch_per_rank, "world": engine.world,
         "sync_bn": sorted({type(m).__name__ for m in engine.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}),
     }
 

@@ -1,4 +1,4 @@
-"""`sslctl finetune` and `sslctl distill` (SimCLR v2's semi-supervised stages, METHODS.md §2d-e).
+"""`sslctl finetune` and `sslctl distill` (SimCLR v2's semi-supervised stages, docs/spec/methods.md §2d-e).
 
 Real shards made by `sslctl shard` from the embedded Fashion-MNIST subset, real runs through
 train.py's Engine. Fast tests use a tiny ResNet-18 at 16 px; the slow one trains at 32 px."""
@@ -20,14 +20,14 @@ from sslctl import checkpoint as ckpt
 from sslctl.distill import Distill, distill, distillation_loss
 from sslctl.errors import UserError
 from sslctl.finetune import (
-    FineTune, KEYS_FILE, SUBSET_DIR, StageEngine, finetune, head_prefix, parse_labels, predict, read_labels,
-    stratified_subset,
+    FineTune, KEYS_FILE, SUBSET_DIR, finetune, head_prefix, parse_labels, predict_logits, read_labels, stratified_subset,
 )
 from sslctl.data import load_manifest
 from sslctl.heads import mlp
 from sslctl.paths import EMBEDDED_DATASET
 from sslctl.recipes import load_recipe
-from sslctl.train import pretrain
+from sslctl.run_options import RunOptions
+from sslctl.train import Engine, pretrain
 from tests.conftest import run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -170,9 +170,9 @@ def test_stage_optimizer_keeps_the_classifier_out_of_lars_adaptation(shards, sou
     assert cfg["optim"] == {"name": "lars", "batch_size": 16, "lr": 0.005, "base_batch": 1024, "scaling": "sqrt",
                             "momentum": 0.9, "weight_decay": 0.0, "exclude_bn_bias": True, "trust_coefficient": 0.001}
     assert cfg["schedule"]["epochs"] == 60 and cfg["schedule"]["warmup_epochs"] == 0
-    engine = StageEngine(run / SUBSET_DIR, cfg, tmp_path / "again", device="cpu", resume="auto", seed=0, workers=0,
-                         compile=False, checkpoint_every=10, log_every=1, monitor_split=None, monitor_every=1,
-                         max_steps=1, channels_last=False, amp=False, recipe_file="test")
+    options = RunOptions(device="cpu", seed=0, workers=0, checkpoint_every=10, log_every=1, max_steps=1,
+                         channels_last=False, amp=False, recipe_file="test")
+    engine = Engine(run / SUBSET_DIR, cfg, tmp_path / "again", options)  # the plain Engine: FineTune declares its groups
     head = {id(p) for p in engine.method.classifier.parameters()}
     groups = engine.optimizer.param_groups
     assert [g for g in groups if {id(p) for p in g["params"]} == head] == [groups[-1]]
@@ -294,13 +294,13 @@ def test_distill_student_classifier_is_lars_adapted_and_stable_at_the_default_lr
     """Regression: the student's (random) classifier once sat in fine-tuning's group outside LARS's
     trust ratio, at the raw lr 0.1 x sqrt(batch); on 10 classes it diverged at once (in the real
     run kd averaged 49 over the first 5 steps, 2.4 adapted) and the student collapsed onto one class."""
-    engine_kw = dict(device="cpu", resume="auto", seed=0, workers=0, compile=False, checkpoint_every=100, log_every=1,
-                     monitor_split=None, monitor_every=1, max_steps=1, channels_last=False, amp=False, recipe_file="test")
+    options = RunOptions(device="cpu", seed=0, workers=0, checkpoint_every=100, log_every=1, max_steps=1,
+                         channels_last=False, amp=False, recipe_file="test")
     out = distill(ft_run, shards, tmp_path / "st", max_steps=8, workers=0, log_every=1, eval_split=None,
                   overrides=["optim.batch_size=16", "schedule.warmup_epochs=0"])  # the full lr 0.4 from step 1
     kd = [r["kd"] for r in _metrics(out) if "kd" in r]
     assert len(kd) == 8 and max(kd) < kd[0] + 1.0, kd
-    engine = StageEngine(shards, load_recipe(out / "recipe.toml"), tmp_path / "again", **engine_kw)
+    engine = Engine(shards, load_recipe(out / "recipe.toml"), tmp_path / "again", options)
     group = next(g for g in engine.optimizer.param_groups if any(p is engine.method.classifier.weight for p in g["params"]))
     assert group["adapt"] is True and group["weight_decay"] == 1e-4  # as the backbone's weights
 
@@ -340,7 +340,7 @@ def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(tmp_pat
     cfg = load_recipe(st / "recipe.toml")
 
     def predicted(model) -> torch.Tensor:
-        return predict(model, shards, "test", 32, norm["mean"], norm["std"], "cpu")[0].argmax(1)
+        return predict_logits(model, shards, "test", 32, norm["mean"], norm["std"], "cpu")[0].argmax(1)
 
     torch.manual_seed(0)
     fresh = Distill(cfg)
@@ -350,3 +350,18 @@ def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(tmp_pat
     teacher = predicted(fresh.teacher)  # the same frozen weights in both
     at_init, after = ((predicted(m) == teacher).float().mean().item() for m in (fresh, trained))
     assert after > at_init + 0.2, (at_init, after)
+
+
+def test_finetune_scores_val_when_the_shards_have_no_test_split(shards, source_run, tmp_path):
+    import shutil
+
+    images = shards.parent / "images"  # train/ and test/ class folders: make an ImageNet-style train/ val/
+    shutil.copytree(images / "train", tmp_path / "images" / "train")
+    shutil.copytree(images / "test", tmp_path / "images" / "val")
+    assert run_cli("shard", str(tmp_path / "images"), str(tmp_path / "shards"), "--quiet", env=ENV).returncode == 0
+    out = tmp_path / "ft"
+    done = run_cli("finetune", str(source_run), str(tmp_path / "shards"), "--out", str(out), "--labels", "10%",
+                   "--max-steps", "1", "--workers", "0", "--set", "augment.crop_size=16", "--batch-size", "8", "--quiet",
+                   env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert any(r.get("eval_split") == "val" and 0 <= r["top1"] <= 100 for r in _metrics(out))

@@ -1,4 +1,4 @@
-"""Weighted kNN (PROTOCOLS.md E1): arithmetic, sanity floors, and every backend against a
+"""Weighted kNN (docs/spec/protocols.md E1): arithmetic, sanity floors, and every backend against a
 brute-force reference on real Fashion-MNIST pixels."""
 
 from __future__ import annotations
@@ -121,4 +121,4 @@ def test_raw_pixels_on_full_fashion_mnist_reach_the_known_floor(fmnist_idx):
     xtr, ytr = load_pixels(fmnist_idx, "train")
     xte, yte = load_pixels(fmnist_idx, "t10k")
     res = weighted_knn(xtr, ytr, xte, yte)
-    assert 84.0 < res[0]["top1"] < 87.0  # PROTOCOLS.md E1: raw pixels ~85% at k=20
+    assert 84.0 < res[0]["top1"] < 87.0  # docs/spec/protocols.md E1: raw pixels ~85% at k=20

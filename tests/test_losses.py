@@ -1,4 +1,4 @@
-"""Losses of the founding methods against METHODS.md's sanity values (§10.3) and references."""
+"""Losses of the founding methods against docs/spec/methods.md's sanity values (§10.3) and references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslctl.losses.contrastive import info_nce, info_nce_global, keys_and_bank_similarities, nt_xent, regression_loss
+from sslctl.losses.contrastive import cross_entropy_at, info_nce, keys_and_bank_similarities, nt_xent, regression_loss
+
+
+def info_nce_global(q, keys, bank, temperature: float, positive_index: torch.Tensor) -> torch.Tensor:
+    """AdCo's network loss as methods/adco.py computes it: CE over [the global batch's keys, the
+    bank] / t with the positive of local query n at its global index."""
+    return cross_entropy_at(keys_and_bank_similarities(q, keys, bank), temperature, positive_index)
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:

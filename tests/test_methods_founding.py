@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from sslctl.errors import UserError
-from sslctl.losses.contrastive import info_nce, info_nce_global, keys_and_bank_similarities
+from sslctl.losses.contrastive import info_nce, keys_and_bank_similarities
 from sslctl.methods import Progress, build_method
 from sslctl.methods.adco import bank_gradient
 from sslctl.optim import cosine_tau
 from sslctl.recipes import load_recipe
 from sslctl.siamese import SplitBatchNorm, ema_update, shuffled_keys, use_split_bn
+from tests.test_losses import info_nce_global
 
 B = 8
 

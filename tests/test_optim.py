@@ -31,7 +31,7 @@ def test_lars_matches_hand_computation_with_exclusions():
         w.grad = torch.tensor(gw).view(2, 2)
         b.grad = torch.tensor(gb)
         opt.step()
-        # hand computation, METHODS.md §0.4
+        # hand computation, docs/spec/methods.md §0.4
         d = [g + 0.01 * x for g, x in zip(gw, wv)]
         trust = 0.001 * _norm(wv) / _norm(d)
         mw = [0.9 * m + lr * trust * g for m, g in zip(mw, d)]
@@ -131,7 +131,7 @@ def test_swav_warmup_start_and_final_lr():
 
 
 def test_cosine_per_epoch_moco_adco():
-    """lr_e = end + (lr0 - end)(1 + cos(pi e / E)) / 2, constant within an epoch (METHODS.md §0.5)."""
+    """lr_e = end + (lr0 - end)(1 + cos(pi e / E)) / 2, constant within an epoch (docs/spec/methods.md §0.5)."""
     cfg = {"epochs": 200, "warmup_epochs": 0, "lr_schedule": "cosine", "per": "epoch", "final_lr": 0.0006}
     spe = 10
     assert lr_at(0, spe, cfg, 0.03) == pytest.approx(0.03)

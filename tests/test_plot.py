@@ -105,3 +105,12 @@ def test_bad_plot_inputs(tmp_path, features):
         embedding_map(features, tmp_path / "x.png", method="mds")
     with pytest.raises(UserError, match="no split 'val'"):
         embedding_map(features, tmp_path / "x.png", split="val")
+
+
+def test_the_map_draws_test_else_val_else_the_first_split(tmp_path, capsys):
+    for names, drawn in ((["train", "val"], "val"), (["train", "val", "test"], "test"), (["train"], "train")):
+        splits = {name: (torch.randn(20, 4), torch.arange(20) % 2) for name in names}
+        feats = write_features(tmp_path / f"{drawn}.safetensors", splits)
+        capsys.readouterr()
+        embedding_map(feats, tmp_path / f"{drawn}.png")
+        assert f"split {drawn}" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def test_scaled_lr_rules():
     assert lr == pytest.approx(0.06)
     assert msg == "lr 0.03 x 512/256 (linear scaling) = 0.06"
     lr, msg = scaled_lr({**base, "optim": {**base["optim"], "lr": 0.075, "batch_size": 4096, "scaling": "sqrt"}})
-    assert lr == pytest.approx(4.8) and "sqrt(4096)" in msg  # METHODS.md §0.4: 0.075 sqrt = 0.3 linear at 4096
+    assert lr == pytest.approx(4.8) and "sqrt(4096)" in msg  # docs/spec/methods.md §0.4: 0.075 sqrt = 0.3 linear at 4096
     lr, msg = scaled_lr({**base, "optim": {**base["optim"], "batch_size": 4096, "scaling": "none"}})
     assert lr == 0.03 and "no scaling" in msg
 
@@ -187,3 +187,68 @@ def test_cli_lists_and_prints(tmp_path: Path):
     assert "(linear scaling)" in shown.stderr
     bad = run_cli("recipes", "moco_v2", "--set", "optim.lrr=1")
     assert bad.returncode == 2 and "optim.lr" in bad.stderr and "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+def _moco_file(tmp_path: Path, old: str, new: str) -> Path:
+    text = (RECIPES_DIR / "moco_v2.toml").read_text()
+    assert old in text
+    path = tmp_path / "mine.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("old, new, pattern", [
+    ("lr = 0.03 ", "lrr = 0.03 ", r"mine.toml: unknown key 'optim.lrr' \(from the file\)\. Closest valid key: optim.lr\b"),
+    ("[optim]", "[optimizer]", r"missing section\(s\) \[optim\] \(a typo: \[optimizer\]\?\)"),
+    ("[optim]", "[optimizer]\nwarmup = 1\n[optim]", r"unknown section 'optimizer' \(from the file\)\. Closest valid section: \[optim\]\."),
+    ("flip_p = 0.5", "flip_p = 0.5\nflip_prob = 0.5", r"unknown key 'augment.flip_prob'.*Closest valid key: augment.flip_p\b"),
+    ("symmetric = false", "symmetric = false\n[method.extra]\nx = 1", r"unknown key 'method.extra.x'"),
+])
+def test_unknown_keys_in_a_recipe_file_name_the_closest_valid_key(tmp_path: Path, old, new, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_recipe(str(_moco_file(tmp_path, old, new)))
+
+
+def test_per_view_tables_and_a_plugin_method_pass_the_file_key_check(tmp_path: Path, monkeypatch):
+    path = _moco_file(tmp_path, "# 2. encoder", "[augment.view2]\nblur_p = 0.1\n\n# 2. encoder")  # per-view: [augment]'s keys
+    assert load_recipe(str(path))["augment"]["view2"] == {"blur_p": 0.1}
+    # a method sslctl ships no recipe for (a plugin's): nothing to compare against, no check
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "methods.py").write_text("from sslctl.methods.moco import METHOD\n\nclass Mine(METHOD):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _moco_file(tmp_path, 'method = "moco"', 'method = "mypkg.methods:Mine"')
+    path.write_text(path.read_text().replace("lr = 0.03 ", "my_lr = 0.03\nlr = 0.03 "))
+    assert load_recipe(str(path))["optim"]["my_lr"] == 0.03
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("loss.temperature=0", r"loss.temperature = 0.0 must be > 0"),
+    ("loss.temperature=-0.1", r"loss.temperature = -0.1 must be > 0"),
+    ("optim.lr=-0.1", r"optim.lr = -0.1 must be > 0"),
+    ("optim.lr=nan", r"optim.lr = nan must be > 0"),
+    ("optim.batch_size=0", r"optim.batch_size = 0 must be >= 1"),
+    ("schedule.epochs=-1", r"schedule.epochs = -1 must be >= 1"),
+    ("schedule.warmup_epochs=-2", r"schedule.warmup_epochs = -2 must be >= 0"),
+    ("optim.weight_decay=-1e-4", r"optim.weight_decay = -0.0001 must be >= 0"),
+    ("augment.blur_p=1.5", r"augment.blur_p = 1.5 must be in \[0, 1\]"),
+    ("augment.view2.solarize_p=-0.2", r"augment.view2.solarize_p = -0.2 must be in \[0, 1\]"),
+    ("method.momentum=1.2", r"method.momentum = 1.2 must be in \[0, 1\]"),
+])
+def test_values_out_of_range_are_refused(override, pattern):
+    with pytest.raises(UserError, match=r"moco_v2.toml: " + pattern):
+        load_recipe("moco_v2", overrides=[override])
+
+
+def test_a_zero_temperature_in_a_file_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match=r"mine.toml: loss.temperature = 0.0 must be > 0"):
+        load_recipe(str(_moco_file(tmp_path, "temperature = 0.2", "temperature = 0.0")))
+
+
+def test_a_binary_recipe_file_is_a_user_error(tmp_path: Path):
+    path = tmp_path / "weights.toml"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError, match=r"weights.toml: not a TOML text file"):
+        load_recipe(str(path))
+    res = run_cli("recipes", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "weights.toml" in res.stderr, res.stderr

@@ -1,4 +1,4 @@
-"""SimCLR v2 (METHODS.md §2): a recipe of the SimCLR method with the 3-layer head and v2's
+"""SimCLR v2 (docs/spec/methods.md §2): a recipe of the SimCLR method with the 3-layer head and v2's
 optimisation; fine-tuning starts from the head's first layer. Plus a short real run (slow)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SwAV (METHODS.md §4): Sinkhorn codes, swapped-prediction sanity values, prototypes, queue,
+"""SwAV (docs/spec/methods.md §4): Sinkhorn codes, swapped-prediction sanity values, prototypes, queue,
 multi-crop batching, distributed Sinkhorn, and a short real Fashion-MNIST run (slow)."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_swapped_prediction_matches_soft_cross_entropy_by_hand():
 
 
 def test_swav_loss_sanity_values():
-    # METHODS.md §4(h) / §10.3: B = 256, K = 3000, random unit features and prototypes.
+    # docs/spec/methods.md §4(h) / §10.3: B = 256, K = 3000, random unit features and prototypes.
     vals = []
     for seed in range(3):
         s1, s2, _ = random_scores(256, 3000, seed=seed)
@@ -274,7 +274,7 @@ def test_distributed_sinkhorn_equals_single_process_on_the_concatenated_batch(tm
 # - 3000 prototypes (SwAV's ImageNet number) instead of 512: with far more prototypes than the
 #   128 dimensions their scores vary nearly equally in every direction of z (512 random ones span
 #   directions of 1/4 to 9/4 the mean score variance, 3000 of 0.6 to 1.4), and the run learns more.
-# - the 2-large-crop variant (SwAV's `--nmb_crops 2`, METHODS.md §4a): 4 small crops made a step
+# - the 2-large-crop variant (SwAV's `--nmb_crops 2`, docs/spec/methods.md §4a): 4 small crops made a step
 #   ~2.5x slower and gained nothing in 600 steps; multi-crop's batching and its loss over every
 #   crop are checked above.
 SHORT_RUN = [

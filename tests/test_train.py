@@ -209,11 +209,10 @@ def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
             assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
 
 
-@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
-def test_batched_views_resume_exactly(shards, tmp_path, views):
-    """--views batch (BatchViews on each batch in the loader's workers) and batch-on-device (in
-    the training process): each batch's views come from a seed of (seed, epoch, position), so 4
-    steps + resume to 9 equal 9 uninterrupted steps; and they are not the per-image views."""
+def test_batched_views_resume_exactly(shards, tmp_path, views="batch"):
+    """--views batch (BatchViews on each batch in the loader's workers): each batch's views come
+    from a seed of (seed, epoch, position), so 4 steps + resume to 9 equal 9 uninterrupted steps;
+    and they are not the per-image views."""
     from sslctl.recipes import load_recipe
     from sslctl.train import pretrain
 
@@ -262,8 +261,7 @@ def test_auto_views_are_batched_for_one_small_size_and_per_image_otherwise(shard
         assert [m["loss"] for m in auto] == [m["loss"] for m in other] and len(auto) == 3, twin
 
 
-@pytest.mark.parametrize("views", ["batch", "batch-on-device"])
-def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views):
+def test_batched_views_take_images_of_mixed_sizes_and_channels(tmp_path, views="batch"):
     """An image folder of gray and colour images of different sizes: the loader hands BatchViews
     a list (sslctl.data.collate_images) and the run trains."""
     _mixed_image_shards(tmp_path)
@@ -319,7 +317,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
         (["SHARDS", "--recipe", "moco_v2", "--set", "optim.lr=fast"], "optim.lr"),
         (["SHARDS", "--recipe", "moco_v2", "--monitor", "val"], "has splits train, test"),
         (["SHARDS", "--recipe", "moco_v2", "--device", "tpu"], "--device"),
-        (["SHARDS", "--recipe", "moco_v2", "--views", "gpu"], "expected one of auto, per-image, batch, batch-on-device"),
+        (["SHARDS", "--recipe", "moco_v2", "--views", "gpu"], "expected one of auto, per-image, batch"),
+        # batch-on-device was removed: batched views in the loader's workers beat it everywhere measured
+        (["SHARDS", "--recipe", "moco_v2", "--views", "batch-on-device"], "--views batch-on-device: expected one of auto, per-image, batch"),
         (["SHARDS", "--recipe", "moco_v2", "--bogus-flag"], "--bogus-flag"),
     ],
 )
@@ -490,3 +490,136 @@ def test_two_process_run_splits_the_global_batch_and_writes_once(shards, tmp_pat
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank streams
+
+
+# ------------------------------------------------------------------------------ extension points
+
+
+from sslctl.methods.simclr import SimCLR  # noqa: E402
+from sslctl.optim import ParamGroup  # noqa: E402
+
+
+class NoDecayHeadSimCLR(SimCLR):
+    """SimCLR declaring two things a stage or a new method may need: its projector without weight
+    decay (as a ViT's pos_embed / cls_token), and initial weights (counted: fresh start only)."""
+
+    initial_weights_loaded = 0
+
+    def param_groups(self) -> list[ParamGroup]:
+        return self.param_groups_apart(lambda name: name.startswith("projector."), weight_decay=0.0)
+
+    def load_initial_weights(self) -> None:
+        type(self).initial_weights_loaded += 1
+
+
+def _simclr_cfg(*overrides: str) -> dict:
+    from sslctl.recipes import load_recipe
+
+    return load_recipe("simclr", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16", *overrides])
+
+
+def test_a_methods_declared_groups_and_initial_weights_reach_the_engine(shards, tmp_path):
+    from sslctl.run_options import RunOptions
+    from sslctl.train import Engine
+
+    cfg = _simclr_cfg()
+    cfg["recipe"]["method"] = "tests.test_train:NoDecayHeadSimCLR"
+    options = RunOptions(device="cpu", workers=0, max_steps=2, log_every=1, amp=False)
+    NoDecayHeadSimCLR.initial_weights_loaded = 0
+    engine = Engine(shards, cfg, tmp_path / "run", options)
+    assert NoDecayHeadSimCLR.initial_weights_loaded == 1
+    head = {id(p) for p in engine.method.projector.parameters()}
+    groups = [({id(p) for p in g["params"]}, g["weight_decay"], g["adapt"]) for g in engine.optimizer.param_groups]
+    wd = cfg["optim"]["weight_decay"]
+    # the backbone as [optim] says (LARS: 1-D tensors without decay and trust ratio), the head without decay
+    assert [(w, a) for _, w, a in groups] == [(wd, True), (0.0, False), (0.0, True), (0.0, False)]
+    assert groups[2][0] | groups[3][0] == head and all(p.ndim > 1 for p in engine.method.projector.parameters()
+                                                        if id(p) in groups[2][0])
+    engine.run()
+    # a resume restores the checkpoint (optimizer groups included) and loads no initial weights
+    resumed = Engine(shards, cfg, tmp_path / "run", RunOptions(device="cpu", workers=0, max_steps=3, log_every=1, amp=False))
+    assert NoDecayHeadSimCLR.initial_weights_loaded == 1 and resumed.step == 2
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [wd, 0.0, 0.0, 0.0]
+    resumed.run()
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_the_monitor_callback_gets_the_features_of_both_splits(shards, tmp_path):
+    from sslctl.errors import UserError
+    from sslctl.train import pretrain
+
+    calls = []
+
+    def monitor(bank, bank_labels, queries, query_labels, *, split):
+        calls.append((bank.shape, bank_labels.tolist(), queries.shape, query_labels.shape, split))
+        return {"mean_norm": bank.norm(dim=1).mean().item()}, "mean feature norm"
+
+    cfg = _simclr_cfg()
+    kw = dict(device="cpu", workers=0, seed=3, amp=False)
+    pretrain(shards, cfg, tmp_path / "run", monitor=monitor, monitor_split="test", max_steps=12, **kw)
+    assert len(calls) == 2  # one per epoch end (6 steps per epoch)
+    bank_shape, bank_labels, query_shape, query_labels_shape, split = calls[0]
+    assert bank_shape == (96, 512) and query_shape == (48, 512) and query_labels_shape == (48,) and split == "test"
+    assert sorted(set(bank_labels)) == list(range(10))  # the train split's labels, in stored order
+    lines = [m for m in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "monitor" in m]
+    assert [(m["step"], m["epoch"], m["monitor"]) for m in lines] == [(6, 0, "test"), (12, 1, "test")]
+    assert all(m["mean_norm"] > 0 for m in lines)
+    with pytest.raises(UserError, match="no monitor was handed"):
+        pretrain(shards, cfg, tmp_path / "other", monitor_split="test", max_steps=1, **kw)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--log-every", "0", "--log-every 0: expected a positive number"),
+    ("--checkpoint-every", "-1", "--checkpoint-every -1: expected a positive number"),
+    ("--max-steps", "0", "--max-steps 0: expected a positive number"),
+    ("--resume", "sometimes", "--resume sometimes: expected auto or never"),
+    ("--workers", "-2", "--workers -2: expected 0"),
+])
+def test_run_options_refuse_bad_values_with_exit_2(shards, tmp_path, capsys, flag, value, expected):
+    code, stdout, stderr = _cli(capsys, "pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "run"), flag, value)
+    assert code == 2 and expected in stderr and "Traceback" not in stderr and stdout == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_options_are_checked_for_every_stage(tmp_path):
+    from sslctl.errors import UserError
+    from sslctl.finetune import finetune
+    from sslctl.run_options import RunOptions
+
+    with pytest.raises(UserError, match="--views batch-on-device: expected one of auto, per-image, batch") as err:
+        RunOptions(views="batch-on-device")
+    assert err.value.exit_code == 2
+    with pytest.raises(UserError, match="--log-every 0"):
+        finetune(tmp_path / "no-run", tmp_path / "no-shards", tmp_path / "ft", log_every=0)
+
+
+def test_a_recipe_with_other_views_than_the_method_takes_is_refused(shards, tmp_path, capsys):
+    code, _, stderr = _cli(capsys, "pretrain", str(shards), "--recipe", "simclr", "--out", str(tmp_path / "run"),
+                           "--set", "augment.views=3", "--batch-size", "16", "--max-steps", "1", "--workers", "0")
+    assert code == 2 and "makes 3 views per image; method 'simclr' takes 2" in stderr
+
+
+def test_method_defaults_fill_a_recipe_that_omits_the_key(tmp_path):
+    from sslctl.paths import RECIPES_DIR
+    from sslctl.recipes import load_recipe
+
+    text = (RECIPES_DIR / "simclr.toml").read_text()
+    path = tmp_path / "older.toml"
+    path.write_text("\n".join(line for line in text.splitlines() if not line.startswith(("fused_views", "sync_bn"))))
+    cfg = load_recipe(path)
+    assert cfg["method"]["fused_views"] is True and cfg["method"]["sync_bn"] is False  # SimCLR.defaults
+    assert load_recipe(path, overrides=["method.fused_views=false"])["method"]["fused_views"] is False
+
+
+def test_loss_similarity_selects_what_the_loss_scores(tmp_path):
+    import torch.nn.functional as F
+
+    from sslctl.errors import UserError
+    from sslctl.methods import build_method
+
+    m = build_method(_simclr_cfg())
+    x = torch.randn(4, 8)
+    assert torch.equal(m.similarity(x), F.normalize(x, dim=1))  # cosine: dot products of unit vectors
+    with pytest.raises(UserError, match="loss.similarity = 'dot' is not supported by method 'simclr'"):
+        build_method(_simclr_cfg("loss.similarity=dot"))

@@ -1,4 +1,4 @@
-"""YADIM (METHODS.md §8): a recipe only. It composes existing parts (the AMDIM method with a
+"""YADIM (docs/spec/methods.md §8): a recipe only. It composes existing parts (the AMDIM method with a
 last-map comparison, the AMDIM encoder, merged augmentations); swapping one part is a one-line
 change that trains: `--set encoder.name=resnet18` compares the ResNet's layer4 maps."""
 

@@ -7,25 +7,28 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli import _run_flags as flags
+from sslctl.cli._bounds import above, within
+
 
 def command(
     teacher: Optional[str] = typer.Argument(None, help="Teacher: an `sslctl finetune` run directory; '-' or omitted: read its path from stdin."),
     shards: str = typer.Argument(..., help="Shards whose train split is the unlabelled data (its labels are not used)."),
     out: Path = typer.Option(..., "--out", "-o", help="The student's run directory (recipe.toml, checkpoints/, encoder.safetensors, metrics.jsonl)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student backbone, any torchvision model name [default: the teacher's]."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature t of both predictions; the loss is scaled by t^2."),
-    alpha: float = typer.Option(1.0, "--alpha", help="Loss = alpha KD + (1 - alpha) CE on the teacher's labelled subset; 1: no labels."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split on which the student's top-1 is logged to metrics.jsonl (skipped when absent)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key of the distillation recipe: section.key=value (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Shortcut for --set schedule.epochs=N [default: 100]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch; shortcut for --set optim.batch_size=N [default: 256]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (the lr schedule still spans the epochs)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    resume: str = typer.Option("auto", "--resume", help="auto: continue OUT's checkpoint if present; never: refuse an existing run."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the student's initialisation, data order and augmentation."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes [default: cores - 1]."),
-    amp: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast [default: on for CUDA and CPUs with native bf16]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (warnings and errors still show)."),
+    temperature: float = typer.Option(1.0, "--temperature", callback=above(0), help="Softmax temperature t of both predictions; the loss is scaled by t^2."),
+    alpha: float = typer.Option(1.0, "--alpha", callback=within(0, 1), help="Loss = alpha KD + (1 - alpha) CE on the teacher's labelled subset; 1: no labels."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split on which the student's top-1 is logged to metrics.jsonl (default: test, else val; skipped when absent)."),
+    set_: Optional[List[str]] = flags.set_flag("the distillation recipe"),
+    epochs: Optional[int] = flags.epochs_flag(" [default: 100]"),
+    batch_size: Optional[int] = flags.batch_size_flag(" [default: 256]"),
+    max_steps: Optional[int] = flags.MAX_STEPS,
+    device: str = flags.DEVICE,
+    resume: str = flags.RESUME,
+    seed: int = flags.SEED,
+    workers: Optional[int] = flags.WORKERS,
+    amp: Optional[bool] = flags.BF16,
+    quiet: bool = flags.QUIET,
 ) -> None:
     """Train a student (the teacher's backbone or a smaller one) from scratch on unlabelled images
     against a fine-tuned teacher's softened predictions; print the student's RUN_DIR.
@@ -34,19 +37,20 @@ def command(
 
     Example:
 
-        sslctl distill runs/simclr2-ft1 shards/ --student resnet18 --out runs/student-r18
+    \b
+        sslctl distill runs/simclr2-ft1 shards/ --student resnet18 \\
+          --out runs/student-r18
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
+    from sslctl.data import load_manifest
     from sslctl.distill import distill
+    from sslctl.evaluate.splits import default_eval_split
 
     console.set_quiet(quiet)
     teacher_path = path_from_stdin_or_arg(teacher, "teacher run directory (from `sslctl finetune`)")
-    overrides = list(set_ or [])
-    if epochs is not None:
-        overrides.append(f"schedule.epochs={epochs}")
-    if batch_size is not None:
-        overrides.append(f"optim.batch_size={batch_size}")
+    overrides = flags.recipe_overrides(set_, epochs, batch_size)
+    eval_split = eval_split or default_eval_split(load_manifest(shards)["splits"])  # test, else val
     run_dir = distill(
         teacher_path, shards, out, student=student, temperature=temperature, alpha=alpha, eval_split=eval_split,
         overrides=overrides, device=device, resume=resume, seed=seed, workers=workers, max_steps=max_steps, amp=amp,

@@ -7,6 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli import _run_flags as flags
+from sslctl.cli._bounds import at_least
+
 
 def command(
     encoder: str = typer.Argument(
@@ -26,20 +29,20 @@ def command(
         None, "--out", "-o", help="Features file (default: RUN/features.safetensors, with -projector / -random suffixes; "
         "for a model name ./features-NAME-random.safetensors)."
     ),
-    layer: str = typer.Option("backbone", "--layer", help="backbone (pooled encoder output, PROTOCOLS.md E1) or projector (needs a run directory)."),
+    layer: str = typer.Option("backbone", "--layer", help="backbone (pooled encoder output, docs/spec/protocols.md E1) or projector (needs a run directory)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="random: a seeded random initialisation of the architecture (the floor)."),
     small_stem: Optional[bool] = typer.Option(None, "--small-stem/--no-small-stem", help="For a model name: the 3x3 stride-1 CIFAR stem (default: off)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Resize + center crop to N px (default: the encoder's; model name: 32 with --small-stem, else 224)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", callback=at_least(1), help="Resize + center crop to N px (default: the encoder's; model name: 32 with --small-stem, else 224)."),
     normalize: str = typer.Option("auto", "--normalize", help="auto (the encoder's own, else the shards' mean/std), encoder, manifest or imagenet."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=at_least(1), help="Images per forward pass."),
+    device: str = flags.DEVICE,
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA and CPUs with native bf16)."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes; each takes whole shards (default: cores - 1)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of --weights random."),
+    bf16: Optional[bool] = flags.BF16,
+    channels_last: Optional[bool] = flags.CHANNELS_LAST,
+    workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="Decoding processes; each takes whole shards (default: cores - 1)."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of --weights random."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress (warnings and errors still show)."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes per node, started by torch.distributed.run (torchrun); they share the shards."),
+    nproc: int = typer.Option(1, "--nproc", callback=at_least(1), help="Processes per node, started by torch.distributed.run (torchrun); they share the shards."),
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes, as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
@@ -54,13 +57,15 @@ def command(
 
     Examples:
 
+    \b
         sslctl embed runs/moco shards/fmnist | sslctl knn
-
-        sslctl embed resnet18 shards/fmnist --weights random --small-stem --out floor.safetensors
-
-        sslctl embed runs/moco shards/imagenet --nproc 4   (4 processes share the shards; the same FEATS)
-
-        sslctl embed runs/moco --split train=s3://bucket/train-{0000..0099}.tar --split test=s3://bucket/test-{0000..0009}.tar
+        sslctl embed resnet18 shards/fmnist --weights random --small-stem \\
+          --out floor.safetensors
+        # 4 processes share the shards; the same FEATS:
+        sslctl embed runs/moco shards/imagenet --nproc 4
+        # each split from its own source:
+        sslctl embed runs/moco --split 'train=s3://bucket/train-{0000..0099}.tar' \\
+          --split 'test=s3://bucket/test-{0000..0009}.tar'
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

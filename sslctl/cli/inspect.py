@@ -13,9 +13,14 @@ def command(
 ) -> None:
     """Describe an sslctl artifact: a table on stderr, a one-line JSON summary on stdout.
 
-    Shards: splits, counts, classes, image size, mean/std, skipped inputs, provenance. Run directories, encoders and features files: their metadata (no weights are loaded). Foreign shards: the same, from one pass over them.
+    Shards: splits, counts, classes, image size, mean/std, skipped inputs, provenance. Run
+    directories, encoders and features files: their metadata (no weights are loaded). Any
+    other WebDataset (a directory of .tar shards, a pattern, URLs): the same, from one pass.
 
-    Example: sslctl shard data/ shards/ | sslctl inspect
+    Example:
+
+    \b
+        sslctl shard data/ shards/ | sslctl inspect
     """
     import json
 

@@ -1,4 +1,4 @@
-"""`sslctl knn`: weighted kNN accuracy of a features file (PROTOCOLS.md E1); JSON lines on stdout."""
+"""`sslctl knn`: weighted kNN accuracy of a features file (docs/spec/protocols.md E1); JSON lines on stdout."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import List, Optional
 
 import typer
 
+from sslctl.cli._bounds import above, at_least
+
 
 def command(
     features: Optional[str] = typer.Argument(None, help="Features file from `sslctl embed`; '-' or omitted: read its path from stdin."),
     bank_split: str = typer.Option("train", "--bank-split", help="Split whose features are the neighbours."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split that is classified."),
-    k: Optional[List[int]] = typer.Option(None, "--k", help="Neighbours (repeatable) (default: 20 and 200)."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split that is classified (default: test, else val)."),
+    k: Optional[List[int]] = typer.Option(None, "--k", callback=at_least(1), help="Neighbours (repeatable) (default: 20 and 200)."),
     temperature: Optional[List[float]] = typer.Option(
-        None, "--temperature", "-t", help="Temperature (repeatable; pairs with --k in order, one value applies to all) (default: 0.07 and 0.1)."
+        None, "--temperature", "-t", callback=above(0), help="Temperature (repeatable; pairs with --k in order, one value applies to all) (default: 0.07 and 0.1)."
     ),
     backend: str = typer.Option("auto", "--backend", help="auto (faiss on the CPU, torch on CUDA without faiss-gpu), faiss or torch; both exact."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (where the search runs)."),
@@ -22,33 +24,30 @@ def command(
     """Weighted kNN classification (E1): one JSON line per (k, T) on stdout, a table with
     top-1, top-5 and per-class accuracy on stderr.
 
-    Each line: {"task": "knn", "protocol": "weighted-knn/cosine/k=20/T=0.07", "k", "temperature",
-    "top1", "top5" (percent), "n_bank", "n_eval", "bank_split", "eval_split", "features",
-    "features_sha256"}. The default pairs are k=20/T=0.07 and k=200/T=0.1, from one search.
+    Each line: {"task": "knn", "protocol": "weighted-knn/cosine/k=20/T=0.07", "k",
+    "temperature", "top1", "top5" (percent), "n_bank", "n_eval", "bank_split", "eval_split",
+    "features", "features_sha256"}. The default pairs are k=20/T=0.07 and k=200/T=0.1, from
+    one search. The eval split is --eval-split, else test, else val.
 
     Examples:
 
+    \b
         sslctl knn runs/moco/features.safetensors
-
-        sslctl embed runs/moco shards/ | sslctl knn --k 10 --k 20 --temperature 0.07
+        sslctl embed runs/moco shards/ | sslctl knn --k 10 --k 20 -t 0.07
     """
     import json
 
     from sslctl import console
     from sslctl.artifacts import path_from_stdin_or_arg, sha256_file
-    from sslctl.embed import load_split, read_features_metadata
-    from sslctl.errors import UserError
+    from sslctl.embed import load_split_pair, read_features_metadata
     from sslctl.evaluate.knn import DEFAULT_PAIRS, pair_up, weighted_knn
-    from sslctl.train import resolve_device
+    from sslctl.devices import resolve_device
+    from sslctl.evaluate.splits import pick_eval_split
 
     console.set_quiet(quiet)
     path = path_from_stdin_or_arg(features, "features file (from `sslctl embed`)")
-    meta = read_features_metadata(path)
-    bank, bank_labels = load_split(path, bank_split)
-    queries, query_labels = load_split(path, eval_split)
-    if bank.shape[1] != queries.shape[1]:
-        raise UserError(f"{path}: {bank_split}.features has {bank.shape[1]} dimensions but {eval_split}.features has "
-                        f"{queries.shape[1]}; embed both splits with the same encoder and layer")
+    eval_split = pick_eval_split(eval_split, read_features_metadata(path)["splits"] or [], path)
+    meta, (bank, bank_labels), (queries, query_labels) = load_split_pair(path, bank_split, eval_split)
     pairs = pair_up(k or [p[0] for p in DEFAULT_PAIRS], temperature or [p[1] for p in DEFAULT_PAIRS])
     dev = resolve_device(device)
     classes = meta.get("classes") or []
@@ -58,14 +57,14 @@ def command(
         num_classes=num_classes, backend=backend,
     )
     digest = sha256_file(path)
-    _table(results, classes, query_labels, num_classes, path)
+    _table(results, classes, query_labels, num_classes, path, bank_split, eval_split)
     for r in results:
         line = {"task": "knn", **{key: r[key] for key in ("protocol", "k", "temperature", "top1", "top5", "n_bank", "n_eval")},
                 "bank_split": bank_split, "eval_split": eval_split, "features": str(path.resolve()), "features_sha256": digest}
         print(json.dumps(line), flush=True)
 
 
-def _table(results: list[dict], classes: list[str], labels, num_classes: int, path) -> None:
+def _table(results: list[dict], classes: list[str], labels, num_classes: int, path, bank_split: str, eval_split: str) -> None:
     import torch
     from rich.table import Table
 
@@ -73,7 +72,9 @@ def _table(results: list[dict], classes: list[str], labels, num_classes: int, pa
 
     if console.is_quiet():
         return
-    table = Table(title=f"weighted kNN: {path} ({results[0]['n_eval']} queries, bank {results[0]['n_bank']}, {results[0]['backend']})")
+    r = results[0]
+    table = Table(title=f"weighted kNN: {path} ({r['n_eval']} queries of split {eval_split}, bank {r['n_bank']} of split "
+                        f"{bank_split}, {r['backend']})")
     table.add_column("class")
     table.add_column("n", justify="right")
     for r in results:

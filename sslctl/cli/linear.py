@@ -1,10 +1,12 @@
-"""`sslctl linear`: linear probe (PROTOCOLS.md E2 on a features file, E3 with augmentation); one JSON line."""
+"""`sslctl linear`: linear probe (docs/spec/protocols.md E2 on a features file, E3 with augmentation); one JSON line."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
+
+from sslctl.cli._bounds import above, at_least
 
 
 def command(
@@ -14,29 +16,29 @@ def command(
     ),
     protocol: str = typer.Option("precomputed", "--protocol", help="precomputed (E2) or augment (E3: frozen encoder, augmentation on the fly; needs --shards)."),
     train_split: str = typer.Option("train", "--train-split", help="Split the probe is trained on."),
-    eval_split: str = typer.Option("test", "--eval-split", help="Split that is scored, once, at the end."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split that is scored, once, at the end (default: test, else val)."),
     shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json, or any WebDataset with both splits (a directory of train-*/test-* .tar shards)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
-    lr: float = typer.Option(30.0, "--lr", help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="E3: batch size."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
+    lr: float = typer.Option(30.0, "--lr", callback=above(0), help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
+    batch_size: int = typer.Option(256, "--batch-size", callback=at_least(1), help="E3: batch size."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="E3: data loader processes."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (E2) or of the data order and initialisation (E3)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="E3: data loader processes."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of the held-out split (E2) or of the data order and initialisation (E3)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
-    """Linear probe; one JSON line on stdout:
-    {"task": "linear", "protocol", "top1", "top5" (percent), "lr", "wd", "epochs", "n_train",
-    "n_eval", "features" or "encoder", ...}.
+    """Linear probe; one JSON line on stdout: {"task": "linear", "protocol", "top1", "top5"
+    (percent), "lr", "wd", "epochs", "n_train", "n_eval", "train_split", "eval_split",
+    "features" or "encoder", ...}.
 
     E2 (default): standardised features, multinomial logistic regression by full-batch L-BFGS,
-    weight decay chosen on a stratified 10% of train, refit on all of train, eval split scored
-    once at the end. E3: MoCo's augmented probe on the frozen encoder (slow: 100 epochs of
-    forward passes).
+    weight decay chosen on a stratified 10% of train, refit on all of train, eval split (test,
+    else val) scored once at the end. E3: MoCo's augmented probe on the frozen encoder (slow:
+    100 epochs of forward passes).
 
     Examples:
 
+    \b
         sslctl linear runs/moco/features.safetensors
-
         sslctl linear runs/moco --protocol augment --shards shards/fmnist --lr 30
     """
     import json
@@ -44,7 +46,8 @@ def command(
     from sslctl import console
     from sslctl.artifacts import path_from_stdin_or_arg, sha256_file
     from sslctl.errors import UserError
-    from sslctl.train import resolve_device
+    from sslctl.devices import resolve_device
+    from sslctl.evaluate.splits import pick_eval_split
 
     console.set_quiet(quiet)
     if protocol == "augment":
@@ -61,16 +64,13 @@ def command(
     if protocol != "precomputed":
         raise UserError(f"--protocol {protocol}: expected precomputed (E2) or augment (E3)")
 
-    from sslctl.embed import load_split, read_features_metadata
+    from sslctl.embed import load_split_pair, read_features_metadata
     from sslctl.evaluate.linear import E2_ITERS, linear_probe
 
     path = path_from_stdin_or_arg(features, "features file (from `sslctl embed`)")
-    meta = read_features_metadata(path)
-    train_x, train_y = load_split(path, train_split)
-    eval_x, eval_y = load_split(path, eval_split)
-    if train_x.shape[1] != eval_x.shape[1]:
-        raise UserError(f"{path}: {train_split}.features has {train_x.shape[1]} dimensions but {eval_split}.features has "
-                        f"{eval_x.shape[1]}; embed both splits with the same encoder and layer")
+    eval_split = pick_eval_split(eval_split, read_features_metadata(path)["splits"] or [], path)
+    console.log(f"linear: trained on split {train_split}, scored on split {eval_split}")
+    meta, (train_x, train_y), (eval_x, eval_y) = load_split_pair(path, train_split, eval_split)
     dev = resolve_device(device)
     num_classes = max(len(meta.get("classes") or []), int(max(train_y.max(), eval_y.max())) + 1)
     result = linear_probe(train_x.to(dev), train_y, eval_x.to(dev), eval_y, num_classes=num_classes,

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from sslctl.cli._bounds import at_least
+
 
 def command(
     path: Optional[str] = typer.Argument(
@@ -14,9 +16,9 @@ def command(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Image file: .png, .pdf or .svg."),
     method: str = typer.Option("pca", "--method", help="Map: pca, tsne (needs scikit-learn) or umap (needs umap-learn)."),
-    split: str = typer.Option("test", "--split", help="Map: the split to draw."),
-    max_points: int = typer.Option(5000, "--max-points", help="Map: draw at most this many points (a seeded random subset)."),
-    seed: int = typer.Option(0, "--seed", help="Map: seed of the subset and of t-SNE / UMAP."),
+    split: Optional[str] = typer.Option(None, "--split", help="Map: the split to draw (default: test, else val, else the first)."),
+    max_points: int = typer.Option(5000, "--max-points", callback=at_least(1), help="Map: draw at most this many points (a seeded random subset)."),
+    seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Map: seed of the subset and of t-SNE / UMAP."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but warnings and errors."),
 ) -> None:
     """Draw a picture: a features file gives a 2-D map of one split coloured by class (on the
@@ -25,8 +27,8 @@ def command(
 
     Examples:
 
+    \b
         sslctl plot runs/moco/features.safetensors --out map.png --method tsne
-
         sslctl plot runs/moco --out curves.png
     """
     from sslctl import console

@@ -1,4 +1,4 @@
-"""Weighted kNN classification of frozen features (PROTOCOLS.md E1).
+"""Weighted kNN classification of frozen features (docs/spec/protocols.md E1).
 
 L2-normalise bank and queries; take each query's top-k bank neighbours by cosine similarity;
 weight each neighbour by exp(sim / T); a class scores the sum of its neighbours' weights; the
@@ -189,3 +189,14 @@ class _exact_fp32_matmul:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def knn_monitor(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                *, split: str) -> tuple[dict, str]:
+    """The training's online monitor (`sslctl pretrain --monitor SPLIT`, train.Engine's `monitor`):
+    E1's two (k, T) defaults, each k capped by a small bank. Returns the metrics.jsonl entries
+    (knn_top1_kK) and a log line."""
+    ks = [min(k, len(bank)) for k, _ in DEFAULT_PAIRS]
+    results = weighted_knn(bank, bank_labels, queries, query_labels, ks=ks, temperatures=[t for _, t in DEFAULT_PAIRS])
+    record = {f"knn_top1_k{r['k']}": r["top1"] for r in results}
+    return record, f"kNN top-1 on {split} " + ", ".join(f"{r['top1']:.2f}% ({r['protocol']})" for r in results)

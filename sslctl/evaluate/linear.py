@@ -1,4 +1,4 @@
-"""Linear probes (PROTOCOLS.md E2 and E3).
+"""Linear probes (docs/spec/protocols.md E2 and E3).
 
 E2, `linear_probe` (precomputed features): standardise with the train split's mean and std,
 fit multinomial logistic regression (one linear layer, cross-entropy + wd/2 |W|^2, bias not
@@ -26,6 +26,7 @@ from torch import nn
 
 from sslctl import console
 from sslctl.errors import RunError, UserError
+from sslctl.evaluate.splits import pick_eval_split
 
 WD_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # strongest first: ties go to the simpler model
 E2_ITERS = 100
@@ -161,7 +162,7 @@ def augmented_probe(
     shards: str,
     *,
     train_split: str = "train",
-    eval_split: str = "test",
+    eval_split: str | None = None,
     lr: float = 30.0,
     epochs: int = 100,
     batch_size: int = 256,
@@ -170,14 +171,17 @@ def augmented_probe(
     bf16: bool | None = None,
     seed: int = 0,
 ) -> dict:
-    """E3: train a linear layer on the frozen encoder with augmentation; score eval_split once."""
+    """E3: train a linear layer on the frozen encoder with augmentation; score eval_split (None:
+    test, else val) once."""
     from sslctl.data import make_loader, open_dataset, split_shards
     from sslctl.embed import embed_shards, open_encoder, resolve_normalization
-    from sslctl.train import default_amp, resolve_device
+    from sslctl.devices import default_amp, resolve_device
 
     manifest = open_dataset(shards)  # sslctl shards, or any WebDataset with train and eval splits (indexed in memory)
     if not manifest.get("labelled"):
         raise UserError(f"{manifest['path']}: the shards have no labels; a linear probe needs labelled shards")
+    eval_split = pick_eval_split(eval_split, list(manifest["splits"]), manifest["path"], holder="shards")
+    console.log(f"linear (augment): trained on split {train_split}, scored on split {eval_split}")
     eval_tars = split_shards(manifest, eval_split)
     split_shards(manifest, train_split)  # UserError naming the manifest when missing
     enc = open_encoder(encoder)
@@ -237,4 +241,6 @@ def augmented_probe(
         "epochs": epochs,
         "n_train": len(loader.dataset),
         "n_eval": int(torch.cat(labels).numel()),
+        "train_split": train_split,
+        "eval_split": eval_split,
     }

@@ -1,4 +1,4 @@
-"""Clustering losses (METHODS.md §4): Sinkhorn-Knopp codes and SwAV's swapped prediction.
+"""Clustering losses (docs/spec/methods.md §4): Sinkhorn-Knopp codes and SwAV's swapped prediction.
 
 Shapes: scores are B x K (samples x prototypes), s = C z̄ with unit-norm rows, so in [-1, 1].
 """

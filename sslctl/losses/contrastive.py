@@ -1,9 +1,9 @@
-"""Contrastive and regression losses of the founding methods (METHODS.md §1, §2, §3, §5).
+"""Contrastive and regression losses of the founding methods (docs/spec/methods.md §1, §2, §3, §5).
 
 Inputs are L2-normalised embeddings unless stated. Similarities, logits and softmax are
 computed in fp32 with autocast switched off: at temperatures of 0.02-0.2 the logits reach
 50 in magnitude, and bf16's 8-bit mantissa would blur differences of a few tenths.
-Sanity values at initialisation are in METHODS.md §10.3 and checked in tests/test_losses.py.
+Sanity values at initialisation are in docs/spec/methods.md §10.3 and checked in tests/test_losses.py.
 """
 
 from __future__ import annotations
@@ -40,23 +40,15 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
 
 
 def keys_and_bank_similarities(q: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """AdCo's (N+K)-way similarities (Hu et al. 2021, METHODS.md §5c), fp32.
+    """AdCo's (N+K)-way similarities (Hu et al. 2021, docs/spec/methods.md §5c), fp32.
 
     q: (B, D) local queries; keys: (N, D) the global batch's keys in rank order; bank: (D, K)
     raw (unnormalised) adversarial negatives, used as normalised columns.
-    Returns (B, N+K): [q.k_1 .. q.k_N, q.m^_1 .. q.m^_K]."""
+    Returns (B, N+K): [q.k_1 .. q.k_N, q.m^_1 .. q.m^_K]. AdCo's network loss is
+    `cross_entropy_at` of these at its positives' global indices (methods/adco.py)."""
     with fp32(q.device):
         q = q.float()
         return torch.cat([q @ keys.float().T, q @ F.normalize(bank.float(), dim=0)], dim=1)
-
-
-def info_nce_global(
-    q: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor, temperature: float, positive_index: torch.Tensor
-) -> torch.Tensor:
-    """AdCo's network loss: CE over [keys of the whole global batch, bank] with the positive of
-    local query n at its global index (rank * B + n); the other images' keys are extra negatives.
-    Shapes as in `keys_and_bank_similarities`; positive_index: (B,) long. Equal logits give log(N+K)."""
-    return cross_entropy_at(keys_and_bank_similarities(q, keys, bank), temperature, positive_index)
 
 
 def nt_xent(
@@ -73,7 +65,7 @@ def nt_xent(
     z1, z2: (B, D) this process's two views; z1_all, z2_all: (N, D) all processes' views in rank
     order, gathered WITH gradient (defaults: z1, z2, i.e. one process). Anchor n of view 1 has
     its positive at global index rank*B + n of view 2; candidates are the other 2N-1 views, its
-    own self-similarity removed with a mask (-inf), not by subtracting e^{1/t} (METHODS.md §2h).
+    own self-similarity removed with a mask (-inf), not by subtracting e^{1/t} (docs/spec/methods.md §2h).
 
     Returns the TF code's total: mean over pairs of (loss of view-1 anchor + loss of view-2
     anchor), i.e. a SUM over the two directions averaged over pairs, twice the paper's 1/(2N)

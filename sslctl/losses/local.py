@@ -1,10 +1,10 @@
 """Losses over local features (feature maps), as pure functions:
 
 - `map_nce`: AMDIM's NCE of one source vector per image against every location of a target map
-  (Bachman et al. 2019; METHODS.md §6(c)); AMDIM's 1->5, 1->7, 5->5 tasks and YADIM's last-map
+  (Bachman et al. 2019; docs/spec/methods.md §6(c)); AMDIM's 1->5, 1->7, 5->5 tasks and YADIM's last-map
   comparison (§8) are calls of it with different maps.
 - `cpc_nce`: CPC v2's InfoNCE of each prediction against all patch targets in the batch, for
-  each row offset (Hénaff et al. 2019, as in lightning-bolts' `CPCTask`; METHODS.md §7(c)).
+  each row offset (Hénaff et al. 2019, as in lightning-bolts' `CPCTask`; docs/spec/methods.md §7(c)).
 
 Both compute scores in fp32 with autocast off: AMDIM's scores are clipped at +-20, and bf16
 would blur differences of a few tenths there. Both take the targets of the whole global batch

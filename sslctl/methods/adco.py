@@ -1,4 +1,4 @@
-"""AdCo: Adversarial Contrast (Hu, Wang, Hu, Qi; CVPR 2021). METHODS.md §5; recipes/adco.toml.
+"""AdCo: Adversarial Contrast (Hu, Wang, Hu, Qi; CVPR 2021). docs/spec/methods.md §5; recipes/adco.toml.
 
 MoCo v2's encoders (query f_q, momentum key encoder f_k, shuffle-BN) with the queue replaced by
 a bank M (dim x K) of negatives that are trained adversarially: the network descends the
@@ -79,14 +79,8 @@ class AdCo(QueryKeyMethod):
         return cross_entropy_at(sims, self.temperature, target)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x1, x2 = views
         self._pending.clear()
-        q1 = self.query(x1)
-        q2 = self.query(x2) if self.symmetric else None
-        with torch.no_grad():
-            self.momentum_update()
-            k2 = self.keys(x2)
-            k1 = self.keys(x1) if self.symmetric else None
+        q1, q2, k1, k2 = self.queries_and_keys(*views)
         loss = self.contrast(q1, k2)
         if self.symmetric:
             loss = 0.5 * loss + 0.5 * self.contrast(q2, k1)

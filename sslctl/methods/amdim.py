@@ -1,5 +1,5 @@
 """AMDIM: Augmented Multiscale Deep InfoMax (Bachman, Hjelm, Buchwalter 2019), and with it every
-method that contrasts the feature maps of two views by NCE. METHODS.md §6; recipes/amdim.toml.
+method that contrasts the feature maps of two views by NCE. docs/spec/methods.md §6; recipes/amdim.toml.
 YADIM (§8, recipes/yadim.toml) is this file with another `compare` list: it has no code of its own.
 
 The five parts (Falcon & Cho):
@@ -31,7 +31,7 @@ from sslctl import distributed as dist
 from sslctl.encoders import feature_maps
 from sslctl.errors import UserError
 from sslctl.losses.local import map_nce, random_location
-from sslctl.methods.base import Method, expect
+from sslctl.methods.base import Method, expect, similarity_of
 from sslctl.encoders import build_encoder
 from sslctl.siamese import embedding_std
 
@@ -57,7 +57,7 @@ class AMDIM(Method):
         super().__init__(cfg)
         method, loss = cfg["method"], cfg["loss"]
         expect(cfg, "loss", "name", ("nce",))
-        expect(cfg, "loss", "similarity", ("dot",))
+        self.similarity = similarity_of(cfg, ("dot",))
         self.pairs = parse_pairs(method["compare"])
         self.global_negatives = bool(method["global_negatives"])
         self.tclip = float(loss["tclip"])
@@ -92,12 +92,12 @@ class AMDIM(Method):
 
     def compare(self, a: dict, b: dict, src: str, tgt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """NCE and regulariser of view a's source vectors against view b's target map."""
-        targets = b[tgt]
+        targets = self.similarity(b[tgt])
         first = 0
         if self.global_negatives:
             first = dist.rank() * targets.shape[0]
             targets = dist.gather_with_grad(targets)
-        return map_nce(random_location(a[src]), targets, clip=self.tclip, reg_weight=self.score_reg, first=first)
+        return map_nce(self.similarity(random_location(a[src])), targets, clip=self.tclip, reg_weight=self.score_reg, first=first)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         m1, m2 = (self.maps(v) for v in views)

@@ -1,4 +1,4 @@
-"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020). METHODS.md §3; recipes/byol.toml.
+"""BYOL: Bootstrap Your Own Latent (Grill et al. 2020). docs/spec/methods.md §3; recipes/byol.toml.
 
     online: p = r(g(f(v)))     encoder f, projector g, predictor r ([head] projector_*, predictor_*)
     target: z' = g'(f'(v))     a copy of f, g (requires_grad False), run in TRAIN mode under
@@ -24,16 +24,18 @@ from torch import nn
 from sslctl.encoders import build_encoder
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import regression_loss
-from sslctl.methods.base import Method, Progress, expect
+from sslctl.methods.base import Method, Progress, expect, similarity_of
 from sslctl.optim import cosine_tau
 from sslctl.siamese import embedding_std, ema_update, momentum_copy, use_sync_bn
 
 
 class BYOL(Method):
+    defaults = {"method": {"sync_bn": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         expect(cfg, "loss", "name", ("regression",))
-        expect(cfg, "loss", "similarity", ("cosine",))
+        similarity_of(cfg, ("cosine",))  # regression_loss, 2 - 2 cos(p, z'), takes the cosine itself
         self.base_tau = float(cfg["method"]["base_tau"])
         self.backbone = build_encoder(cfg["encoder"])
         self.projector = from_config(self.backbone.feature_dim, cfg["head"], "projector")

@@ -1,5 +1,5 @@
 """CPC v2: Contrastive Predictive Coding (Hénaff et al. 2019/2020), as ported in lightning-bolts.
-METHODS.md §7; recipes/cpc_v2.toml.
+docs/spec/methods.md §7; recipes/cpc_v2.toml.
 
 The five parts (Falcon & Cho):
   1. augmentation: ONE view per image ([augment] views = 1): flip, translate or crop, jitter, gray.
@@ -24,7 +24,7 @@ from torch import nn
 from sslctl import distributed as dist
 from sslctl.errors import UserError
 from sslctl.losses.local import cpc_nce
-from sslctl.methods.base import Method, expect
+from sslctl.methods.base import Method, expect, similarity_of
 from sslctl.encoders import build_encoder
 from sslctl.nets.cpc import MaskedContext
 from sslctl.siamese import embedding_std
@@ -37,7 +37,7 @@ class CPC(Method):
         super().__init__(cfg)
         head, method, loss = cfg["head"], cfg["method"], cfg["loss"]
         expect(cfg, "loss", "name", ("info_nce",))
-        expect(cfg, "loss", "similarity", ("dot",))
+        self.similarity = similarity_of(cfg, ("dot",))
         self.offsets = [int(j) for j in loss["offsets"]]
         self.offset_weights = [float(w) for w in loss["offset_weights"]]
         if len(self.offsets) != len(self.offset_weights) or not self.offsets:
@@ -61,8 +61,8 @@ class CPC(Method):
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         (x,) = views
         z = self.backbone.forward_grid(x)  # B x c x 7 x 7
-        targets = self.target(z)
-        preds = self.predict(self.context(z)) * self.pred_scale
+        targets = self.similarity(self.target(z))
+        preds = self.similarity(self.predict(self.context(z))) * self.pred_scale
         first = 0
         if self.global_negatives:
             first = dist.rank() * targets.shape[0]

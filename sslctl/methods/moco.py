@@ -1,5 +1,5 @@
 """MoCo v1 / v2 (He et al. 2019; Chen et al. 2020): a queue of negatives and a momentum key
-encoder. METHODS.md §1; recipes/moco_v1.toml and moco_v2.toml (v1: linear head, t 0.07;
+encoder. docs/spec/methods.md §1; recipes/moco_v1.toml and moco_v2.toml (v1: linear head, t 0.07;
 v2: MLP head, t 0.2, aug+, cosine lr). Follows facebookresearch/moco builder.py:
 
     q = normalise(f_q(v1))                                  # query encoder, with gradient
@@ -24,7 +24,7 @@ from sslctl.encoders import build_encoder
 from sslctl.errors import UserError
 from sslctl.heads import from_config
 from sslctl.losses.contrastive import info_nce
-from sslctl.methods.base import Method, expect
+from sslctl.methods.base import Method, expect, similarity_of
 from sslctl.siamese import embedding_std, ema_update, momentum_copy, shuffled_keys, use_split_bn
 
 
@@ -35,7 +35,7 @@ class QueryKeyMethod(Method):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         enc, method = cfg["encoder"], cfg["method"]
-        expect(cfg, "loss", "similarity", ("cosine",))
+        self.similarity = similarity_of(cfg, ("cosine",))
         self.temperature = float(cfg["loss"]["temperature"])
         self.momentum = float(method["momentum"])
         self.symmetric = bool(method["symmetric"])
@@ -51,15 +51,26 @@ class QueryKeyMethod(Method):
         return [*self.backbone.parameters(), *self.projector.parameters()]
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.backbone(x)), dim=1)
+        return self.similarity(self.projector(self.backbone(x)))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         ema_update(self.key_encoder.parameters(), self.online_parameters(), self.momentum)
 
+    def queries_and_keys(self, x1: torch.Tensor, x2: torch.Tensor):
+        """(q1, q2, k1, k2): the queries with gradient (q2 only when symmetric), then, after the
+        momentum update, the global batch's keys of the other view (k1 only when symmetric)."""
+        q1 = self.query(x1)
+        q2 = self.query(x2) if self.symmetric else None
+        with torch.no_grad():
+            self.momentum_update()
+            k2 = self.keys(x2)
+            k1 = self.keys(x1) if self.symmetric else None
+        return q1, q2, k1, k2
+
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch's normalised keys (N x D, rank order) from the key encoder."""
-        return shuffled_keys(self.key_encoder, x, self.shuffle_bn)
+        return shuffled_keys(self.key_encoder, x, self.shuffle_bn, self.similarity)
 
     @staticmethod
     def local(keys_all: torch.Tensor) -> torch.Tensor:
@@ -85,13 +96,7 @@ class MoCo(QueryKeyMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        x1, x2 = views
-        q1 = self.query(x1)
-        q2 = self.query(x2) if self.symmetric else None
-        with torch.no_grad():
-            self.momentum_update()
-            k2 = self.keys(x2)
-            k1 = self.keys(x1) if self.symmetric else None
+        q1, q2, k1, k2 = self.queries_and_keys(*views)
         # Snapshot: the logits must see the queue from before this batch, and autograd keeps
         # a reference to it while `enqueue` below overwrites columns in place.
         queue = self.queue.clone().detach()

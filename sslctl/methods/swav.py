@@ -1,4 +1,4 @@
-"""SwAV: Swapping Assignments between Views (Caron et al. 2020). Numbers: METHODS.md §4.
+"""SwAV: Swapping Assignments between Views (Caron et al. 2020). Numbers: docs/spec/methods.md §4.
 
 The five parts:
   1. augmentation: multi-crop, 2 large crops (views 0, 1) + `extra_crops` small ones ([augment]).
@@ -22,20 +22,22 @@ from torch import nn
 
 from sslctl import console, heads
 from sslctl.distributed import world_size
-from sslctl.encoders import build_backbone
+from sslctl.encoders import build_encoder
 from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.losses.contrastive import fp32
-from sslctl.methods.base import Method, Progress, expect
+from sslctl.methods.base import Method, Progress, expect, similarity_of
 from sslctl.siamese import embedding_std, use_sync_bn
 
 
 class SwAV(Method):
+    defaults = {"method": {"sync_bn": False}}
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        aug, enc, head, method = cfg["augment"], cfg["encoder"], cfg["head"], cfg["method"]
+        aug, head, method = cfg["augment"], cfg["head"], cfg["method"]
         expect(cfg, "loss", "name", ("swapped_prediction",))
-        expect(cfg, "loss", "similarity", ("cosine",))
-        self.backbone = build_backbone(enc["name"], small_stem=enc.get("small_stem", False))
+        self.similarity = similarity_of(cfg, ("cosine",))
+        self.backbone = build_encoder(cfg["encoder"])
         self.projector = heads.from_config(self.backbone.feature_dim, head)
         sync = bool(method["sync_bn"])  # SwAV syncs BN over the global batch (§4f)
         self.backbone, self.projector = use_sync_bn(self.backbone, sync), use_sync_bn(self.projector, sync)
@@ -81,7 +83,7 @@ class SwAV(Method):
         p = self.projector(h)
         # Scores and codes in fp32: at temperature 0.1, bf16's rounding of s in [-1, 1] would move logits by ~0.05.
         with fp32(h.device):
-            z = F.normalize(p.float(), dim=1)
+            z = self.similarity(p.float())
             scores = self.prototypes(z).split(bs)
             codes = {a: self._codes(i, z[a * bs : (a + 1) * bs].detach(), scores[a].detach())
                      for i, a in enumerate(self.crops_for_assign)}

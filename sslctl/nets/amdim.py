@@ -1,4 +1,4 @@
-"""The AMDIM encoder (Bachman, Hjelm, Buchwalter 2019; METHODS.md §6(b)), after
+"""The AMDIM encoder (Bachman, Hjelm, Buchwalter 2019; docs/spec/methods.md §6(b)), after
 Philip-Bachman/amdim-public `model.py` and its lightning-bolts port.
 
 A residual stack of "ConvResNxN" units, conv(kxk) -> [BN] -> ReLU -> 1x1 conv plus an avg-pool

@@ -1,4 +1,4 @@
-"""CPC v2's networks (Hénaff et al. 2019), as ported in lightning-bolts (METHODS.md §7(b)):
+"""CPC v2's networks (Hénaff et al. 2019), as ported in lightning-bolts (docs/spec/methods.md §7(b)):
 
 - `patchify`: an image -> a G x G grid of overlapping patches (8 px, stride 4 at 32 px;
   16 / 8 at 64 px; 32 / 16 at 128 px: a 7 x 7 grid every time).
