@@ -64,8 +64,8 @@ def command(
         # 4 processes share the shards; the same FEATS:
         sslctl embed runs/moco shards/imagenet --nproc 4
         # each split from its own source:
-        sslctl embed runs/moco --split 'train=s3://bucket/train-{0000..0099}.tar' \\
-          --split 'test=s3://bucket/test-{0000..0009}.tar'
+        sslctl embed runs/moco --split 'train=s3://bkt/train-{0000..0099}.tar' \\
+          --split 'test=s3://bkt/test-{0000..0009}.tar'
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg

@@ -70,7 +70,8 @@ def command(
         # the same, with torchrun started for you:
         sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4
         # any WebDataset, e.g. over HTTP:
-        sslctl pretrain 'https://host/train-{000000..000099}.tar' --recipe simclr --out runs/web
+        sslctl pretrain 'https://host/train-{000000..000099}.tar' \\
+          --recipe simclr --out runs/web
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
