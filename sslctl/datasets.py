@@ -13,7 +13,7 @@ A spec is any of:
 What comes back is what the stages read from a manifest: "splits" (each shard's location and
 sample count), "classes", "labelled", "mean"/"std", "image_size", "channels", "source" (what
 it is, for provenance), "fingerprint", "path" (a file that records it: the manifest, or for
-foreign shards the index). For foreign shards that needs one pass over the data (the index):
+foreign shards the index; the spec itself for an index kept in memory). For foreign shards that needs one pass over the data (the index):
 sample counts and label values from every shard, pixel statistics from the first
 STATS_SAMPLE images. The index is written to `index_dir` (the run or features directory)
 as data-index-HASH.json and reused from there; nothing is written where the data is.
@@ -340,7 +340,7 @@ def _build(spec, sources: dict[str, list[str]], label_key: str | None, key: str,
         "labelled": bool(values), "classes": classes, "label_names": names,
         "channels": channels, "image_size": stats.common_size(), "mean": mean, "std": std,
         "stats_split": stats_split, "stats_images": decoded,
-        "splits": splits, "skipped": skipped, "fingerprint": fingerprint, "path": None,
+        "splits": splits, "skipped": skipped, "fingerprint": fingerprint, "path": what,  # the index file's once saved
     }
 
 

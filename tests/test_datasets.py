@@ -421,6 +421,7 @@ def test_pretrain_embed_knn_and_inspect_over_http(http_root, foreign, tmp_path, 
     code, out, err = _sslctl(monkeypatch, capsys, "inspect", train, "--label-key", "json:meta.label", "--quiet")
     summary = json.loads(out)
     assert code == 0 and summary["kind"] == "webdataset" and summary["splits"]["train"]["count"] == 20
+    assert summary["path"] == train  # read in memory: the spec names it
     assert summary["num_classes"] == 3
     code, out, err = _sslctl(monkeypatch, capsys, "inspect", index, "--quiet")  # the run's index file
     assert code == 0 and json.loads(out)["splits"]["train"]["count"] == 20
