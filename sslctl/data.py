@@ -26,6 +26,7 @@ reports the counts.
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
 import math
@@ -34,6 +35,7 @@ import os
 import random
 import signal
 import warnings
+import weakref
 import zlib
 from typing import Callable, Iterator
 
@@ -359,6 +361,8 @@ class ShardLoader:
     def __init__(self, dataset: ShardDataset, loader: DataLoader, steps: int):
         self.dataset, self.loader, self.steps = dataset, loader, steps
         self._start = 0
+        if loader.num_workers > 0:
+            _LIVE.add(self)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Call before iterating each epoch; start_batch resumes mid-epoch."""
@@ -372,12 +376,34 @@ class ShardLoader:
         """Broken shards and replaced samples so far (ShardDataset.skipped), for metrics."""
         return self.dataset.skipped()
 
+    def close(self) -> None:
+        """Stop the persistent workers now. They ignore SIGTERM (_leave_signals_to_the_main_process),
+        so the SIGTERM that multiprocessing sends its daemon children at interpreter exit would
+        leave the exit waiting on them forever: after an error the workers must be told to stop.
+        The DataLoader has no public call for it; this is torch's own shutdown (as Lightning does)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+        _LIVE.discard(self)
+
     def __iter__(self):
         remaining = self.steps - self._start
         for i, batch in enumerate(self.loader):
             if i >= remaining:  # never more than len() (drop_last=False on uneven ranks)
                 break
             yield batch
+
+
+# Loaders with workers not yet closed. Registered after torch imported multiprocessing, so this
+# exit hook runs before multiprocessing's own (atexit is last-in, first-out) on every way out.
+_LIVE: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
 
 
 def default_workers(world_size: int = 1) -> int:

@@ -226,10 +226,11 @@ def embed_shards(
     `model` must already be on `device` and in eval mode. A distributed embed gives each rank its
     own list of shards. on_batch(n) is called after every batch of n images (progress).
     labels(sample) reads a sample's label (default: its .cls; a dataset's: shardfmt.Labels)."""
+    workers = min(workers, len(shards))  # 0 when a resumed embed has every part already
     loader = DataLoader(
         _ShardBatches(shards, transform, batch_size, labels),
         batch_size=None,
-        num_workers=min(workers, len(shards)),
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )

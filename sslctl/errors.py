@@ -9,10 +9,21 @@ permission, a link loop), exit 1 where the machine failed (disk full, an I/O err
 """
 
 import errno
+import re
 
 
 class SslctlError(Exception):
     exit_code = 1
+
+
+# torch re-raises a DataLoader worker's exception with the worker's whole traceback as its message
+_FROM_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback.*\nsslctl\.errors\.\w+: (.*)", re.S)
+
+
+def user_message(err: SslctlError) -> str:
+    """The message as sslctl wrote it, also when it was raised in a loader worker."""
+    m = _FROM_WORKER.fullmatch(str(err))
+    return m.group(1).rstrip() if m else str(err)
 
 
 class UserError(SslctlError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import resource
 import subprocess
 import sys
@@ -90,16 +91,27 @@ def fmnist_idx() -> Path:
     return SHARED_FMNIST
 
 
+def run_bounded(cmd: list, *, timeout: float = 600, input: str | None = None, env: dict | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), bounded: the command runs in its own
+    process group, and at the timeout the whole group is killed and the test fails. (subprocess.run
+    kills only the child and then waits for EOF on pipes that its children, loader workers or
+    torchrun's ranks, may hold forever.) stdin is empty unless `input` is given, never the suite's."""
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"no exit within {timeout:.0f} s, killed: {' '.join(map(str, cmd))}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(*args: str, stdin: str | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m sslctl ARGS` in a real subprocess; returns the CompletedProcess (text)."""
-    return subprocess.run(
-        [sys.executable, "-m", "sslctl", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """Run `python -m sslctl ARGS` in a real subprocess (bounded: `run_bounded`)."""
+    return run_bounded([sys.executable, "-m", "sslctl", *args], input=stdin, timeout=timeout,
+                       env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

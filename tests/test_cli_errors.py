@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_bounded, run_cli
 
 # A real subprocess through the real handler, with commands added to the real app that fail the
 # ways no sslctl command should (so the handler's last resort is tested, not a command's bug).
@@ -55,8 +55,7 @@ FAULTS = textwrap.dedent("""
 
 
 def run_faults(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FAULTS, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return run_bounded([sys.executable, "-c", FAULTS, *args], timeout=120, env={**os.environ, **(env or {})})
 
 
 def assert_one_error_line(res: subprocess.CompletedProcess, code: int, *says: str) -> str:

@@ -37,6 +37,7 @@ from torch import nn
 
 from sslctl import distributed as dist
 from sslctl.errors import UserError
+from tests.conftest import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -107,7 +108,7 @@ def _cli(*args: str, nproc: int = 1) -> list[str]:
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, **kw)
+    return run_bounded(cmd, env={**os.environ, **ENV}, **kw)
 
 
 # ------------------------------------------------------------------------------ one step, W = 2 vs W = 1
@@ -442,7 +443,7 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resu
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # every rank's own stream
     shutil.copytree(run, tmp_path / "one-process")
 
-    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)  # the requeued job
+    again = run_bounded(job, env=env)  # the requeued job
     assert again.returncode == 0, again.stderr
     assert again.stdout == f"{run}\n"
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
@@ -461,11 +462,11 @@ def test_eval_array_task_embeds_its_encoder_and_runs_knn(shards, tmp_path):
            "EMBED_ARGS": "--weights random --small-stem --input-size 16 --device cpu --workers 0",
            "KNN_ARGS": "--k 5 --temperature 0.07 --device cpu"}
     job = ["bash", str(SLURM / "eval_array.sbatch"), str(tmp_path / "encoders.txt"), str(shards), str(tmp_path / "results")]
-    done = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    done = run_bounded(job, env=env)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (tmp_path / "results" / "knn-1.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["k"] == 5 and 10 < lines[0]["top1"] <= 100
     assert lines[0]["features"].endswith("features-1.safetensors") and lines[0]["n_eval"] == 48
     assert not (tmp_path / "results" / "knn-0.jsonl").exists()
-    again = subprocess.run(job, capture_output=True, text=True, env=env, timeout=600)
+    again = run_bounded(job, env=env)
     assert again.returncode == 0 and "task 1 skipped" in again.stderr

@@ -18,6 +18,7 @@ from sslctl.data import iter_shard, load_manifest, split_shards
 from sslctl.embed import embed, load_split, read_features_metadata
 from sslctl.encoders import build_backbone
 from tests.evalkit import CHEAP_ENCODER, make_shards
+from tests.conftest import run_bounded
 
 
 @pytest.fixture(autouse=True)
@@ -97,11 +98,11 @@ def test_an_interrupted_embed_resumes_to_identical_output(shards, tmp_path):
     while len(list(parts.glob("*.safetensors"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # the hard way: no cleanup, no handler
-    proc.communicate()
+    proc.communicate(timeout=120)  # its loader worker sees the parent gone within seconds
     done = len(list(parts.glob("*.safetensors")))
     assert 2 <= done < 6 and not out.exists(), "the embed finished before it could be interrupted"
 
-    again = subprocess.run(_embed_cmd(shards, out), capture_output=True, text=True, env=env)
+    again = run_bounded(_embed_cmd(shards, out), env=env)
     assert again.returncode == 0, again.stderr
     assert f"resuming, {50 * done} of 300 images already embedded" in again.stderr
     assert again.stdout.strip() == str(out)
@@ -181,3 +182,22 @@ def test_embed_reads_the_run_directory_from_stdin(run_dir, shards, tmp_path, cli
     assert res.stdout == f"{tmp_path / 'p.safetensors'}\n"  # stdout carries the path and nothing else
     assert "images/s" in res.stderr
     assert read_features_metadata(tmp_path / "p.safetensors")["splits"] == ["test"]
+
+
+def test_a_resume_with_every_part_written_assembles_the_file(shards, tmp_path, monkeypatch):
+    """Interrupted after the last part but before FEATS was assembled: the rerun has no shard
+    left to embed (no loader workers to start) and only assembles the parts."""
+    import shutil
+
+    reference = embed("resnet18", shards, weights="random", input_size=32, bf16=False, workers=0,
+                      out=tmp_path / "reference.safetensors")
+    out = tmp_path / "f.safetensors"
+    with monkeypatch.context() as m:  # keep the parts, as a kill after the last one would
+        m.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+        embed("resnet18", shards, weights="random", input_size=32, bf16=False, workers=1, out=out)
+    out.unlink()
+    assert len(list((tmp_path / "f.safetensors.parts").glob("*.safetensors"))) == 6
+    embed("resnet18", shards, weights="random", input_size=32, bf16=False, workers=1, out=out)
+    a, b = load_file(str(reference)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "f.safetensors.parts").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sslctl.recipes import load_recipe
+from tests.conftest import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("setuptools")
@@ -25,6 +26,7 @@ PROBE = """
 import json, sslctl, sslctl.paths as paths
 from sslctl.recipes import list_recipes, load_recipe
 from sslctl.sources import open_source
+from tests.conftest import run_bounded
 cfg = load_recipe("moco_v2", variant="small")
 source = open_source(paths.EMBEDDED_DATASET)
 print(json.dumps({
@@ -37,7 +39,7 @@ print(json.dumps({
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    done = run_bounded(args, cwd=cwd, timeout=300, env=env)
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout}\n{done.stderr}"
     return done
 

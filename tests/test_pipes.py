@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from sslctl.cli import main
 from sslctl.embed import embed
 from tests.evalkit import CHEAP_ENCODER, make_shards, make_unlabelled_shards, write_features
+from tests.conftest import run_bounded
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def test_embed_pipes_into_knn_linear_and_plot_in_a_shell(shards, tmp_path):
         FEATS=$(cat {tmp_path}/path.txt)
         sslctl plot "$FEATS" --out {tmp_path}/map.png
     """
-    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = run_bounded(["bash", "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     (knn,) = [json.loads(line) for line in (tmp_path / "knn.jsonl").read_text().splitlines()]
     assert knn["task"] == "knn" and knn["protocol"] == "weighted-knn/cosine/k=20/T=0.07"
@@ -163,7 +163,7 @@ def test_pipeline_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SSLCTL": f"{sys.executable} -m sslctl", "EMBED_ARGS": "--workers 0",
            "PRETRAIN_ARGS": "--epochs 1 --batch-size 32 --set augment.crop_size=16 --set method.queue_size=64 "
                             "--set method.bn_splits=2 --workers 0"}
-    first = subprocess.run(["bash", str(script), str(images), str(work)], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    first = run_bounded(["bash", str(script), str(images), str(work)], env=env)
     assert first.returncode == 0, first.stderr
     table = first.stdout.splitlines()
     assert table[0].startswith("| encoder | kNN top-1 k=20/T=0.07 | kNN top-1 k=200/T=0.1 | linear top-1 |")
@@ -171,7 +171,7 @@ def test_pipeline_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
     assert (work / "results.md").read_text() == first.stdout
 
     (work / "linear-floor.jsonl").unlink()
-    again = subprocess.run(["bash", str(script), str(images), str(work)], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    again = run_bounded(["bash", str(script), str(images), str(work)], env=env)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("exists, skipped") == 7 and "linear (floor) ..." in again.stderr
     assert again.stdout == first.stdout  # the same inputs give the same table

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from sslctl.data import load_manifest
 from sslctl.errors import UserError
 from sslctl.paths import EMBEDDED_DATASET
 from sslctl.sources import open_source, read_idx
-from tests.conftest import run_cli
+from tests.conftest import run_bounded, run_cli
 
 IMAGES = read_idx(EMBEDDED_DATASET / "t10k-images-idx3-ubyte.gz")
 
@@ -142,9 +141,8 @@ def test_an_unreadable_folder_is_exit_2_naming_it(tmp_path):
     jpegs(data / "dog", 3)
     os.chmod(data / "dog", 0o000)
     try:
-        res = subprocess.run([sys.executable, "-m", "sslctl", "shard", str(data), str(tmp_path / "out")],
-                             capture_output=True, text=True, timeout=300,
-                             preexec_fn=_without_root_read_rights if os.geteuid() == 0 else None)
+        res = run_bounded([sys.executable, "-m", "sslctl", "shard", str(data), str(tmp_path / "out")], timeout=300,
+                          preexec_fn=_without_root_read_rights if os.geteuid() == 0 else None)
     finally:
         os.chmod(data / "dog", 0o755)
     if "prctl(PR_CAPBSET_DROP)" in res.stderr:

@@ -24,7 +24,7 @@ import torch
 
 from sslctl import checkpoint as ckpt
 from sslctl.paths import EMBEDDED_DATASET
-from tests.conftest import run_cli
+from tests.conftest import run_bounded, run_cli
 
 TINY = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
     "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.queue_size=64",
@@ -69,8 +69,8 @@ def _pretrain(shards: Path, out: Path, *args: str, recipe: str = "moco_v2") -> l
     return [sys.executable, "-m", "sslctl", "pretrain", str(shards), "--recipe", recipe, "--out", str(out), *TINY, *args]
 
 
-def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, **kw)
+def _run(cmd: list, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return run_bounded(cmd, timeout=timeout, env={**os.environ, **ENV}, **kw)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -306,6 +306,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
     assert f"(step {state['step']}) is kept" in message
     assert all(np.isfinite(m["loss"]) for m in _metrics(out))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_corrupt_shard_with_loader_workers_exits_2_naming_it(shards, tmp_path):
+    """A loader worker's error ends the run at once: one line naming the shard (not the worker's
+    traceback), exit 2. The workers ignore SIGTERM (so a job's signal reaches the main process
+    alone), so unless they are shut down the interpreter's exit waits on them forever."""
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    tar = sorted(broken.glob("train-*.tar"))[0]
+    os.truncate(tar, tar.stat().st_size // 2)
+    done = _run(_pretrain(broken, tmp_path / "run", "--max-steps", "20", "--workers", "2"), timeout=180)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "DataLoader worker" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert str(tar) in line and "truncated shard" in line, line
 
 
 @pytest.mark.parametrize(

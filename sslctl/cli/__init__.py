@@ -17,7 +17,7 @@ import traceback
 import typer
 
 from sslctl import __version__
-from sslctl.errors import SslctlError, os_error_message
+from sslctl.errors import SslctlError, os_error_message, user_message
 
 # Order in `sslctl --help`: the chain first, then the helpers.
 ORDER = ["shard", "inspect", "pretrain", "recipes", "embed", "knn", "linear", "finetune", "distill", "plot"]
@@ -77,7 +77,7 @@ def _run(args: list[str] | None) -> int:
     try:
         result = app(args=args, standalone_mode=False)
     except SslctlError as err:
-        return _error(str(err), err.exit_code)
+        return _error(user_message(err), err.exit_code)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C; typer.Abort is also EOF at a prompt
         return 130
     except typer.Exit as exit_:
