@@ -1,23 +1,34 @@
 """Reading shards (DESIGN.md §1): every stage after `shard` reads its images through this module.
 
+    open_dataset(spec, index_dir=...)       sslctl shards or any WebDataset (sslctl.datasets)
     load_manifest(path)                     the manifest dict (+ "path": where it was read from)
-    split_shards(manifest_or_path, split)   that split's tar files, in stored order
-    iter_shard(tar, rgb=False)              (key, uint8 CHW tensor, label) in stored order
+    split_shards(manifest_or_path, split)   that split's shards (paths or URLs), in stored order
+    iter_shard(shard, rgb=False)            (key, uint8 CHW tensor, label) in stored order
     ShardDataset(shards, split, ...)        an IterableDataset of (transform(image), label)
     make_loader(shards, split, ...)         batches with an equal len() on every rank
+
+`shards` is what open_dataset returns, or a spec it opens (then any index is kept in memory).
 
 How an epoch is split (exactly once per epoch across ranks x DataLoader workers): the split's
 shards, in a (seed, epoch)-shuffled order, are laid end to end as one index space of samples.
 Rank r takes a balanced contiguous range of it, and each worker a contiguous block of that. A
 block may start or end inside a shard: the reader seeks over the samples before it without
-reading them, so this holds with any number of shards, even one. Samples are shuffled by a
-buffer (webdataset's) before decoding, seeded by (seed, epoch, rank, worker).
+reading them (on a local disk or an object store a seek; over plain HTTP or a pipe the bytes
+are read and dropped), so this holds with any number of shards, even one. Samples are shuffled
+by a buffer (`shuffled`) before decoding, seeded by (seed, epoch, rank, worker).
+
+What cannot be read is skipped, counted and replaced: a shard that breaks off (truncated,
+corrupt, unreachable after retries) or an undecodable image. Each missing sample is replaced by
+the last readable one of the same worker's stream (with its own position's augmentation), so
+every rank yields the same number of batches and a run's steps do not change; `skipped()`
+reports the counts.
 """
 
 from __future__ import annotations
 
 import atexit
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -26,87 +37,43 @@ import signal
 import warnings
 import weakref
 import zlib
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.functional import pil_to_tensor
 
+from sslctl import console
+from sslctl.datasets import open_dataset
 from sslctl.errors import UserError
-from sslctl.shard import load_manifest, split_shards  # the manifest format lives with its writer
+from sslctl.shardfmt import Labels, ShardError, image_bytes, label_of, load_manifest, split_shards
+from sslctl.streams import shard_samples
 from sslctl.sources import standard_mode
 
-__all__ = ["load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
+__all__ = ["open_dataset", "load_manifest", "split_shards", "iter_shard", "ShardDataset", "make_loader", "seeded_call", "decode", "decode_tensor"]
 
 try:  # torchvision's C decoders: deprecated in 0.29 in favour of torchcodec, still the fastest here
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # a future torchvision without them: PIL decodes everything
     decode_image = None
 
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-_BLOCK = 512
-
-
-def _tar_files(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
-    """Files of samples start..stop-1 of one shard, as webdataset file records.
-
-    Reads the USTAR headers `sslctl shard` writes directly (tarfile's Python header parsing
-    cost more than decoding a small JPEG) and seeks over the samples before `start`."""
-    with open(path, "rb") as f:
-        index, key = -1, None
-        while len(header := f.read(_BLOCK)) == _BLOCK and header[0]:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            if header[156:157] not in (b"0", b"\0"):
-                raise UserError(f"{path}: tar member {name!r} is not a plain file; not a shard written by `sslctl shard`")
-            padded = size + -size % _BLOCK
-            prefix = name.split(".", 1)[0]
-            if prefix != key:
-                index, key = index + 1, prefix
-            if index >= stop:
-                break
-            if index < start:
-                f.seek(padded, os.SEEK_CUR)
-                continue
-            data = f.read(padded)
-            if len(data) < padded:
-                raise UserError(f"{path}: truncated shard (member {name!r}); rerun `sslctl shard` to repair it")
-            yield {"fname": name, "data": data[:size], "__url__": str(path)}
-
-
-def _samples(path: Path, start: int = 0, stop: float = math.inf) -> Iterator[dict]:
-    return wds.tariterators.group_by_keys(_tar_files(path, start, stop))
-
-
-def _image_bytes(sample: dict) -> bytes:
-    for ext in _IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise UserError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image (png/jpg/webp)")
-
-
-def _label(sample: dict) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
-
-
-def decode(sample: dict, *, rgb: bool = False) -> tuple[Image.Image, int]:
-    """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample."""
-    img = Image.open(io.BytesIO(_image_bytes(sample)))
+def decode(sample: dict, *, rgb: bool = False, labels: Callable[[dict], int] = label_of) -> tuple[Image.Image, int]:
+    """(PIL image in L or RGB mode, label or -1) from a raw webdataset sample; `labels` reads
+    the label (default: the .cls member; a dataset's own: shardfmt.Labels(manifest))."""
+    img = Image.open(io.BytesIO(image_bytes(sample)))
     img.load()
     img = standard_mode(img)
     if rgb and img.mode != "RGB":
         img = img.convert("RGB")
-    return img, _label(sample)
+    return img, labels(sample)
 
 
-def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int]:
+def decode_tensor(sample: dict, *, rgb: bool = False, labels: Callable[[dict], int] = label_of) -> tuple[torch.Tensor, int]:
     """(uint8 C x H x W tensor, label or -1): the same pixels as `decode`, but decoded by
     torchvision's C decoders (libjpeg-turbo, libpng, libwebp), about twice as fast as PIL on
     small images. Anything but 1- or 3-channel images goes through PIL (standard_mode)."""
-    data, image = _image_bytes(sample), None
+    data, image = image_bytes(sample), None
     palette = data[:4] == b"\x89PNG" and data[25:26] == b"\x03"  # torchvision would return the indices
     if decode_image is not None and not palette:
         try:
@@ -116,18 +83,56 @@ def decode_tensor(sample: dict, *, rgb: bool = False) -> tuple[torch.Tensor, int
         except RuntimeError:
             pass
     if image is None or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
-        img, label = decode(sample, rgb=rgb)
+        img, label = decode(sample, rgb=rgb, labels=labels)
         return pil_to_tensor(img), label
     if rgb and image.shape[0] == 1:
         image = image.expand(3, -1, -1).contiguous()
-    return image, _label(sample)
+    return image, labels(sample)
 
 
-def iter_shard(tar_path: str | os.PathLike, *, rgb: bool = False) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(key, uint8 C x H x W image, label or -1) for every sample of one shard, in stored order."""
-    for sample in _samples(Path(tar_path)):
-        image, label = decode_tensor(sample, rgb=rgb)
-        yield sample["__key__"], image, label
+def iter_shard(shard: str | os.PathLike, *, rgb: bool = False, labels: Callable[[dict], int] = label_of,
+               errors: list | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(key, uint8 C x H x W image, label or -1) for every sample of one shard (a path or a
+    URL), in stored order. errors=None: a corrupt image or a broken shard raises; with a list,
+    they are skipped and (where, reason) appended to it."""
+    try:
+        for sample in shard_samples(shard, load=getattr(labels, "wants", None)):
+            try:
+                image, label = decode_tensor(sample, rgb=rgb, labels=labels)
+            except Exception as err:  # noqa: BLE001 - PIL and torchvision raise many kinds
+                if errors is None:
+                    raise
+                errors.append((f"{shard} sample {sample['__key__']}", f"undecodable image ({err})"))
+                continue
+            yield sample["__key__"], image, label
+    except ShardError as err:
+        if errors is None:
+            raise
+        errors.append((str(shard), err.reason))
+
+
+def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """`samples` through a shuffle buffer of `size`: a random one of the buffered samples comes
+    out for each that goes in. The order is exactly webdataset's shuffle(size, initial=size)
+    (it takes two samples per step while the buffer fills), which sslctl used before owning
+    this buffer, so seeded orders and resumed runs stay what they were."""
+    samples, buf = iter(samples), []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < size:
+            buf.extend(itertools.islice(samples, 1))
+        if len(buf) >= size:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 def _balanced(total: int, parts: int, i: int) -> tuple[int, int]:
@@ -167,9 +172,10 @@ class ShardDataset(IterableDataset):
             raise UserError(f"output={output!r}: expected 'tensor' or 'pil'")
         from sslctl import distributed
 
-        self.manifest = shards if isinstance(shards, dict) else load_manifest(shards)
+        self.manifest = open_dataset(shards)  # a dict as it is; a spec indexed in memory
         self.paths = split_shards(self.manifest, split)
         self.counts = [s["count"] for s in self.manifest["splits"][split]["shards"]]
+        self.labels = Labels(self.manifest)
         self.total = sum(self.counts)
         self.split, self.transform, self.shuffle_buffer, self.seed = split, transform, shuffle_buffer, seed
         self.rgb, self.output, self.return_key, self.return_seed = rgb, output, return_key, return_seed
@@ -181,6 +187,19 @@ class ShardDataset(IterableDataset):
         # Shared with DataLoader workers (also persistent ones), so set_epoch reaches them.
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start_batch = multiprocessing.RawValue("q", 0)
+        self._skipped = multiprocessing.Array("q", 2)  # broken shards, replaced samples (all workers)
+        self._decode_warnings = 0  # per process (each worker has its own copy)
+
+    def skipped(self) -> dict[str, int]:
+        """What could not be read since this dataset was made, over all epochs and workers:
+        "shards" that broke (unreachable, truncated, corrupt) and "samples" replaced by another
+        sample of the same worker's stream (their undecodable images, or a broken shard's rest)."""
+        return {"shards": self._skipped[0], "samples": self._skipped[1]}
+
+    def _count_skipped(self, shards: int = 0, samples: int = 0) -> None:
+        with self._skipped.get_lock():
+            self._skipped[0] += shards
+            self._skipped[1] += samples
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Order for this epoch; start_batch > 0 resumes mid-epoch (needs batch_size) and yields
@@ -244,15 +263,32 @@ class ShardDataset(IterableDataset):
             return 0  # every sample is used (the same test on every rank)
         return random.Random(f"{self.seed}:{epoch}:rotation").randrange(self.total)
 
-    def _span(self, order: list[int], first: int, stop: int) -> Iterator[dict]:
+    def _span(self, order: list[int], first: int, stop: int) -> Iterator[dict | None]:
         offset = 0
         for i in order:
             a, b = max(first - offset, 0), min(stop - offset, self.counts[i])
             if a < b:
-                yield from _samples(self.paths[i], a, b)
+                yield from self._shard(i, a, b)
             offset += self.counts[i]
             if offset >= stop:
                 break
+
+    def _shard(self, i: int, a: int, b: int) -> Iterator[dict | None]:
+        """Samples a..b-1 of shard i, exactly b - a items: where the shard breaks off (or holds
+        fewer than its count), None for each sample missing, which __iter__ replaces, so every
+        rank still yields its number of batches and DDP ranks stay in step."""
+        n, reason = 0, None
+        try:
+            for sample in shard_samples(self.paths[i], a, b, load=self.labels.wants):
+                n += 1
+                yield sample
+        except ShardError as err:
+            reason = err.reason
+        if n < b - a:
+            self._count_skipped(shards=1)
+            console.warn(f"{self.paths[i]}: {reason or f'holds {a + n} samples, {self.counts[i]} were counted'}; "
+                         f"{b - a - n} sample(s) of it replaced by others this epoch")
+            yield from itertools.repeat(None, b - a - n)
 
     def __iter__(self):
         info = get_worker_info()
@@ -263,21 +299,46 @@ class ShardDataset(IterableDataset):
         if self.shuffle_buffer:
             role = (worker + start_batch) % workers
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{role}")
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng)
+            samples = shuffled(samples, self.shuffle_buffer, rng)
         base = zlib.crc32(f"{self.seed}:{epoch}".encode()) + self._rank_range()[0] + first
         decoder = decode_tensor if self.output == "tensor" else decode
+        good, owed = None, []  # the last readable sample; positions still waiting for one
         for i, sample in enumerate(samples):
             if i < done:
                 continue  # consumed before the interruption: skipped before decoding
-            image, label = decoder(sample, rgb=self.rgb)
-            if self.transform is not None:
-                image = seeded_call(self.transform, image, base + i, keep_rng=info is None)
-            if self.return_key:
-                yield image, label, sample["__key__"]
-            elif self.return_seed:
-                yield image, label, base + i
+            decoded = self._decode(sample, decoder)
+            if decoded is not None:
+                good = (*decoded, sample["__key__"])
             else:
-                yield image, label
+                self._count_skipped(samples=1)
+                if good is None:
+                    owed.append(i)
+                    continue
+            for position in [*owed, i]:
+                yield self._item(*good, base + position, keep_rng=info is None)
+            owed = []
+
+    def _decode(self, sample: dict | None, decoder) -> tuple | None:
+        """(image, label), or None for a missing sample (a broken shard's, `_shard` warned) or
+        an undecodable image (a warning for the first few of each worker)."""
+        if sample is None:
+            return None
+        try:
+            return decoder(sample, rgb=self.rgb, labels=self.labels)
+        except Exception as err:  # noqa: BLE001 - a corrupt image: PIL and torchvision raise many kinds
+            self._decode_warnings += 1
+            if self._decode_warnings <= 5:
+                console.warn(f"{sample['__url__']}: sample {sample['__key__']}: undecodable image ({err}); replaced")
+            return None
+
+    def _item(self, image, label: int, key: str, seed: int, keep_rng: bool) -> tuple:
+        if self.transform is not None:
+            image = seeded_call(self.transform, image, seed, keep_rng=keep_rng)
+        if self.return_key:
+            return image, label, key
+        if self.return_seed:
+            return image, label, seed
+        return image, label
 
 
 def seeded_call(transform: Callable, x, seed: int, keep_rng: bool):
@@ -310,6 +371,10 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.steps
+
+    def skipped(self) -> dict[str, int]:
+        """Broken shards and replaced samples so far (ShardDataset.skipped), for metrics."""
+        return self.dataset.skipped()
 
     def close(self) -> None:
         """Stop the persistent workers now. They ignore SIGTERM (_leave_signals_to_the_main_process),
@@ -387,6 +452,8 @@ def make_loader(
             f"{batch_size} x {dataset.world_size} rank(s); lower the batch size"
         )
     workers = default_workers(dataset.world_size) if workers is None else workers
+    if workers:
+        _kill_workers_at_exit()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -441,6 +508,28 @@ class _BatchViews:
 def _rgb(image: torch.Tensor) -> torch.Tensor:
     """A gray uint8 image as decode_tensor(rgb=True) gives it (the per-image path's input)."""
     return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+_EXIT_HOOK: list = []
+
+
+def _kill_workers_at_exit() -> None:
+    """Loader workers ignore SIGTERM (below), and at exit multiprocessing terminates daemonic
+    children with SIGTERM and then joins them: a loader still alive then (a script's global,
+    a failed test's traceback) would hang the exit forever. This handler, registered after
+    multiprocessing's own and so run before it, kills them instead."""
+    if not _EXIT_HOOK:
+        import atexit
+
+        _EXIT_HOOK.append(atexit.register(_kill_daemonic_children))
+
+
+def _kill_daemonic_children() -> None:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+        for p in children:
+            p.kill()
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:

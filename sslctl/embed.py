@@ -173,10 +173,14 @@ def resolve_normalization(how: str, enc: Encoder, manifest: dict) -> tuple[list[
 
 class _ShardBatches(IterableDataset):
     """Batches of whole shards in stored order: worker w of W takes shards w, w + W, ... and
-    yields (shard index, is its last batch, images, labels)."""
+    yields (shard index, is its last batch, images, labels). Shards are paths or URLs; an
+    undecodable image, or the rest of a shard that breaks off, is skipped with a warning."""
 
-    def __init__(self, shards: Sequence[Path], transform: Callable, batch_size: int):
+    def __init__(self, shards: Sequence[Path | str], transform: Callable, batch_size: int, labels: Callable | None = None):
+        from sslctl.shardfmt import label_of
+
         self.shards, self.transform, self.batch_size = list(shards), transform, batch_size
+        self.labels = labels or label_of
 
     def __iter__(self):
         from sslctl.data import iter_shard
@@ -184,8 +188,8 @@ class _ShardBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for index in range(worker, len(self.shards), workers):
-            images, labels, sent = [], [], False
-            for _, image, label in iter_shard(self.shards[index], rgb=True):
+            images, labels, sent, errors = [], [], False, []
+            for _, image, label in iter_shard(self.shards[index], rgb=True, labels=self.labels, errors=errors):
                 images.append(self.transform(image))
                 labels.append(label)
                 if len(images) == self.batch_size:
@@ -198,6 +202,8 @@ class _ShardBatches(IterableDataset):
                 sent = (torch.stack(images), torch.tensor(labels))
             if sent is False:  # an empty shard still reports that it is done
                 sent = (torch.empty(0), torch.empty(0, dtype=torch.int64))
+            for where, reason in errors:
+                console.warn(f"{where}: {reason}; skipped")
             yield index, True, *sent
 
 
@@ -212,15 +218,17 @@ def embed_shards(
     channels_last: bool = True,
     workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    labels: Callable[[dict], int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Embed each shard; yield (index into `shards`, features N x D float32 CPU, labels N) as
     each one finishes (in any order across shards; rows in stored order within one).
 
     `model` must already be on `device` and in eval mode. A distributed embed gives each rank its
-    own list of shards. on_batch(n) is called after every batch of n images (progress)."""
+    own list of shards. on_batch(n) is called after every batch of n images (progress).
+    labels(sample) reads a sample's label (default: its .cls; a dataset's: shardfmt.Labels)."""
     workers = min(workers, len(shards))  # 0 when a resumed embed has every part already
     loader = DataLoader(
-        _ShardBatches(shards, transform, batch_size),
+        _ShardBatches(shards, transform, batch_size, labels),
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -281,16 +289,22 @@ def embed(
     channels_last: bool | None = None,
     workers: int | None = None,
     seed: int = 0,
+    label_key: str | None = None,
 ) -> Path:
-    """Embed `splits` (default: all) of the shards with the frozen encoder; write and return FEATS."""
+    """Embed `splits` (default: all) of the shards with the frozen encoder; write and return FEATS.
+
+    shards: anything sslctl.datasets.open_dataset opens (sslctl shards, foreign shards, patterns,
+    URLs, {split: spec}); foreign shards are indexed once into FEATS's directory."""
     from sslctl import distributed
     from sslctl.augment import eval_transform
-    from sslctl.data import load_manifest, split_shards
+    from sslctl.data import open_dataset, split_shards
     from sslctl.devices import CHANNELS_LAST, default_amp, resolve_device
+    from sslctl.shardfmt import Labels, shard_id
 
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
-    manifest = load_manifest(shards)
+    out = Path(out) if out else default_out(encoder, layer, weights)
+    manifest = open_dataset(shards, index_dir=out.parent, label_key=label_key)
     splits = list(splits or manifest["splits"])
     paths = {s: split_shards(manifest, s) for s in splits}  # UserError for an unknown split
     enc = open_encoder(encoder, layer=layer, weights=weights, small_stem=small_stem, input_size=input_size, seed=seed)
@@ -307,7 +321,6 @@ def embed(
         from sslctl.data import default_workers
 
         workers = default_workers()
-    out = Path(out) if out else default_out(encoder, layer, weights)
     parts = out.parent / f"{out.name}.parts"
 
     # Everything that changes a row of features; a saved part with another fingerprint is redone.
@@ -320,7 +333,7 @@ def embed(
     for split in splits:
         for i, (tar, entry) in enumerate(zip(paths[split], manifest["splits"][split]["shards"])):
             part = parts / f"{split}-{i:06d}.safetensors"
-            shard_fp = f"{fingerprint}:{entry['sha256']}"
+            shard_fp = f"{fingerprint}:{shard_id(entry)}"
             if not _part_matches(part, shard_fp):
                 todo.append((split, i, tar, shard_fp))
     total = sum(manifest["splits"][s]["count"] for s in splits)
@@ -347,13 +360,14 @@ def embed(
 
         results = embed_shards(
             model, [t[2] for t in mine], transform=transform, batch_size=batch_size, device=dev, bf16=bf16,
-            channels_last=channels_last, workers=workers, on_batch=advance,
+            channels_last=channels_last, workers=workers, on_batch=advance, labels=Labels(manifest),
         )
         for index, feats, labels in results:
             split, i, tar, shard_fp = mine[index]
             expected = manifest["splits"][split]["shards"][i]["count"]
-            if len(labels) != expected:
-                raise UserError(f"{tar}: {len(labels)} images, the manifest says {expected}; reshard or check the file")
+            if len(labels) != expected:  # unreadable samples were skipped: the features have no rows for them
+                console.warn(f"{tar}: {expected - len(labels)} of its {expected} images could not be read; "
+                             "the features leave them out")
             with atomic_path(parts / f"{split}-{i:06d}.safetensors") as tmp:
                 save_file({"features": feats.contiguous(), "labels": labels}, str(tmp), metadata={"fingerprint": shard_fp})
     distributed.barrier()  # every rank's parts are written

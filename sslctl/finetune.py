@@ -37,12 +37,10 @@ from torch import nn
 from sslctl import checkpoint as ckpt
 from sslctl import console
 from sslctl import distributed as dist
-from sslctl.artifacts import atomic_write_json, atomic_write_text, provenance
+from sslctl.artifacts import atomic_write_text, provenance
 from sslctl.augment import eval_transform
 from sslctl.data import load_manifest, make_loader, split_shards
-from sslctl.shard import FORMAT as SHARDS_FORMAT
-from sslctl.shard import MANIFEST, VERSION as SHARDS_VERSION
-from sslctl.shard import _ShardWriter  # the shard stage's deterministic tar writer
+from sslctl.shardfmt import MANIFEST, ShardWriter, image_ext, read_samples, shard_name, write_manifest
 from sslctl.encoder_io import read_metadata
 from sslctl.devices import resolve_device
 from sslctl.encoders import build_encoder
@@ -57,7 +55,6 @@ from sslctl.siamese import use_sync_bn
 from sslctl.train import Engine
 
 KEYS_FILE, SUBSET_DIR = "labelled_keys.txt", "labelled"
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 # README 1%-label fine-tuning command (docs/spec/methods.md §2e); every key can be changed with --set.
 OPTIM = {"name": "lars", "batch_size": 1024, "lr": 0.005, "base_batch": 1024, "scaling": "sqrt", "momentum": 0.9,
@@ -138,19 +135,16 @@ def write_subset_shards(manifest: dict, chosen: list[tuple[str, int]], out: Path
     normalises as in pretraining, and how the subset was chosen (`source`)."""
     split = source["split"]
     wanted = dict(chosen)
-    writer = _ShardWriter(out / "train-000000.tar")
+    writer = ShardWriter(out / shard_name("train", 0))
     for path in split_shards(manifest, split):
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                key, ext = _sample_key(member.name)
-                if member.isfile() and key in wanted and ext in _IMAGE_EXTS:
-                    writer.add(key, ext, tar.extractfile(member).read(), wanted[key])
-                tar.members = []
+        for sample in read_samples(path):
+            key, ext = sample["__key__"], image_ext(sample)
+            if key in wanted and ext is not None:
+                writer.add(key, ext, sample[ext], wanted[key])
     shard = writer.close()
     if shard["count"] != len(chosen):
         raise UserError(f"{manifest['path']}: found {shard['count']} of the {len(chosen)} chosen images in split {split!r}")
-    atomic_write_json(out / MANIFEST, {
-        "format": SHARDS_FORMAT, "version": SHARDS_VERSION,
+    write_manifest(out, {
         "source": source,
         "labelled": True, "classes": manifest.get("classes"), "channels": manifest.get("channels"),
         "image_size": manifest.get("image_size"), "mean": list(mean), "std": list(std), "stats_split": "train",

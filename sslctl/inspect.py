@@ -9,6 +9,7 @@ one-line JSON summary for stdout and the rows of a table for stderr. To add a ki
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +43,26 @@ def _provenance_rows(prov: dict) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- shards
 
 def _describe_shards(path: Path) -> Description | None:
+    """sslctl shards (their manifest), or a data index file (`data-index-*.json` in a run)."""
     file = path / "manifest.json" if path.is_dir() else path
     if not (file.is_file() and file.suffix == ".json"):
         return None
+    from sslctl.datasets import open_dataset
+
+    return _describe_dataset(open_dataset(file))
+
+
+def _describe_dataset(m: dict) -> Description:
+    """What open_dataset returned: sslctl shards' manifest, or the index of foreign shards."""
     from rich.table import Table
 
-    from sslctl.shard import load_manifest
-
-    m = load_manifest(file)
+    kind = "shards" if m.get("format") == "sslctl-shards" else "webdataset"
     classes = m["classes"]
-    splits = {name: {"count": s["count"], "shards": len(s["shards"]), "bytes": sum(sh["bytes"] for sh in s["shards"]),
+    splits = {name: {"count": s["count"], "shards": len(s["shards"]),
+                     "bytes": None if any(sh.get("bytes") is None for sh in s["shards"]) else sum(sh["bytes"] for sh in s["shards"]),
                      "skipped": s.get("skipped", 0)} for name, s in m["splits"].items()}
     summary = {
-        "kind": "shards", "path": m["path"], "splits": splits, "labelled": m["labelled"],
+        "kind": kind, "path": m["path"], "splits": splits, "labelled": m["labelled"],
         "num_classes": len(classes) if classes else None, "channels": m["channels"], "image_size": m["image_size"],
         "mean": m["mean"], "std": m["std"], "skipped": len(m["skipped"]), "source": m.get("source"),
     }
@@ -65,19 +73,24 @@ def _describe_shards(path: Path) -> Description | None:
         ("image size", "x".join(map(str, m["image_size"] or [])) + " (most common)"),
         (f"mean ({m.get('stats_split', 'train')})", ", ".join(f"{x:.4f}" for x in m["mean"])),
         (f"std ({m.get('stats_split', 'train')})", ", ".join(f"{x:.4f}" for x in m["std"])),
-        ("options", ", ".join(f"{k}={v}" for k, v in (m.get("options") or {}).items())),
-        ("skipped", str(len(m["skipped"]))),
     ]
+    if kind == "shards":
+        rows.append(("options", ", ".join(f"{k}={v}" for k, v in (m.get("options") or {}).items())))
+    else:
+        rows += [("labels from", str(m.get("label_key") or "none found")), ("statistics from", f"the first {m['stats_images']} images")]
+    rows.append(("skipped", str(len(m["skipped"]))))
     rows += [(" ", f"{s['path']}: {s['reason']}") for s in m["skipped"][:10]]
     if len(m["skipped"]) > 10:
         rows.append((" ", f"... and {len(m['skipped']) - 10} more"))
-    rows += _provenance_rows(m.get("provenance", {}))
+    if kind == "shards" or m.get("provenance"):
+        rows += _provenance_rows(m.get("provenance", {}))
     table = Table(title="splits")
     for col in ("split", "images", "shards", "size", "skipped"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, s in splits.items():
-        table.add_row(name, f"{s['count']:,}", str(s["shards"]), _fmt_bytes(s["bytes"]), str(s["skipped"]))
-    return Description("shards", summary, rows, [table])
+        size = _fmt_bytes(s["bytes"]) if s["bytes"] is not None else "?"
+        table.add_row(name, f"{s['count']:,}", str(s["shards"]), size, str(s["skipped"]))
+    return Description(kind, summary, rows, [table])
 
 
 # ---------------------------------------------------------------- safetensors: encoder, features
@@ -195,19 +208,34 @@ def _describe_run(path: Path) -> Description | None:
 DESCRIBERS = [_describe_shards, _describe_run, _describe_encoder, _describe_features]
 
 
-def describe(path: str | Path) -> Description:
-    """The Description of the artifact at `path`; UserError if it is none of the known kinds."""
-    path = Path(path)
+def describe(path: str | Path, *, label_key: str | None = None) -> Description:
+    """The Description of the artifact at `path`, or of the WebDataset a spec names (a
+    directory of .tar shards, a pattern, URLs: indexed in memory, nothing written);
+    UserError if it is none of these."""
+    from sslctl.shardfmt import is_url
+
+    spec = os.fspath(path)
+    if is_url(spec) or "{" in spec or "::" in spec:
+        return _describe_dataset(_open_foreign(spec, label_key))
+    path = Path(spec)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
     for describer in DESCRIBERS:
         found = describer(path)
         if found is not None:
             return found
+    if path.is_file() and path.suffix == ".tar" or path.is_dir() and next(path.rglob("*.tar"), None):
+        return _describe_dataset(_open_foreign(spec, label_key))
     raise UserError(
         f"{path}: not an sslctl artifact (expected a shards directory or manifest.json, a run directory, "
-        "an encoder.safetensors or a features .safetensors)"
+        "an encoder.safetensors or a features .safetensors) nor a directory of .tar shards"
     )
+
+
+def _open_foreign(spec: str, label_key: str | None) -> dict:
+    from sslctl.datasets import open_dataset
+
+    return open_dataset(spec, label_key=label_key)
 
 
 def render(desc: Description, path: Path) -> None:

@@ -63,8 +63,10 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def flush(self, *, step: int, epoch: int, lr: float, batch: int, epochs: int, last_step: int) -> None:
-        """The window's means as one metrics line and one progress line; a new window starts."""
+    def flush(self, *, step: int, epoch: int, lr: float, batch: int, epochs: int, last_step: int,
+              extra: dict[str, Any] | None = None) -> None:
+        """The window's means (and `extra`'s entries) as one metrics line and one progress line;
+        a new window starts."""
         w = self.window
         step_time = w.busy / max(1, w.steps_timed)
         record: dict[str, Any] = {"step": step, "epoch": epoch}
@@ -72,6 +74,7 @@ class MetricsLog:
         record["lr"] = lr
         record["images_per_s"] = round(batch / step_time, 2) if step_time > 0 else None
         record["data_wait_pct"] = round(100.0 * w.wait / w.busy, 2) if w.busy > 0 else None
+        record.update(extra or {})
         self.write(record)
         self.window = Window()
         if self.main:

@@ -2,6 +2,7 @@
 
     RunData(shards, cfg, options, ...)   the manifest, the global and per-rank batch, the
                                          normalisation, the training loader in the chosen view mode
+    .skipped()                           what the ranks' loaders could not read so far (metrics)
     .batches(epoch, start)               that epoch's view batches on the device
     .loader(split, transform, ...)       any split: this rank's training batches, or all in order
     .features(method, split)             the method's embedding of a whole split (the monitor)
@@ -16,9 +17,10 @@ import torch
 
 from sslctl import checkpoint as ckpt
 from sslctl import console
+from sslctl import distributed as dist
 from sslctl.augment import build_views, eval_transform, normalization, view_configs
 from sslctl.augment_batch import BatchViews
-from sslctl.data import ShardLoader, default_workers, load_manifest, make_loader
+from sslctl.data import ShardLoader, default_workers, make_loader, open_dataset
 from sslctl.errors import UserError
 from sslctl.methods import Method
 from sslctl.predict import predict_split
@@ -27,11 +29,12 @@ from sslctl.run_options import RunOptions
 
 class RunData:
     def __init__(self, shards: str | Path, cfg: dict, options: RunOptions, *, rank: int, world: int,
-                 device: torch.device, channels_last: bool,
+                 device: torch.device, channels_last: bool, index_dir: str | Path | None = None,
                  wrap_loader: Callable[["RunData", ShardLoader], ShardLoader] | None = None):
-        self.shards, self.cfg, self.options = Path(shards), cfg, options
+        self.shards, self.cfg, self.options = shards, cfg, options
         self.rank, self.world, self.device, self.channels_last = rank, world, device, channels_last
-        self.manifest = load_manifest(self.shards)
+        # sslctl shards, or any WebDataset (datasets.open_dataset), indexed once into index_dir (the run)
+        self.manifest = open_dataset(shards, index_dir=index_dir)
         self.batch = int(cfg["optim"]["batch_size"])  # global; each rank loads its share
         if self.batch % world:
             raise UserError(f"optim.batch_size = {self.batch} is not divisible by the {world} processes; pick a multiple")
@@ -72,6 +75,13 @@ class RunData:
         evaluation transform at the recipe's crop size."""
         batches = self.loader(split, eval_transform(int(self.cfg["augment"]["crop_size"]), self.mean, self.std), shuffle=False)
         return predict_split(method, method.embed, batches, device=self.device, bf16=bf16, channels_last=self.channels_last)
+
+    def skipped(self) -> dict[str, int]:
+        """{"skipped_shards", "skipped_samples"} summed over the ranks, when any (broken shards,
+        replaced samples); a collective: every rank calls it at the same step."""
+        counts = self.train.skipped() if hasattr(self.train, "skipped") else {"shards": 0, "samples": 0}
+        total = dist.all_reduce_sum(torch.tensor([counts["shards"], counts["samples"]], device=self.device))
+        return dict(zip(("skipped_shards", "skipped_samples"), total.tolist())) if total.any() else {}
 
     def check_labelled_split(self, split: str, flag: str) -> None:
         splits = self.manifest.get("splits", {})

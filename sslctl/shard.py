@@ -22,14 +22,11 @@ import collections
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import re
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,18 +34,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sslctl import console
-from sslctl.artifacts import atomic_path, atomic_write_json, provenance, sha256_file
+from sslctl.artifacts import atomic_write_json, provenance, sha256_file
 from sslctl.errors import UserError
+from sslctl.shardfmt import (FORMAT, MANIFEST, SHARD_NAME, VERSION, ShardWriter, Stats, image_moments, shard_name,
+                             tar_members, write_manifest)
 from sslctl.sources import Item, Source, open_source, standard_mode
 
-FORMAT, VERSION = "sslctl-shards", 1
-MANIFEST = "manifest.json"
 STATE = ".sslctl-shard-state.json"
 FORMATS = ("keep", "png", "jpg", "webp")
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as their original bytes
 _SAVE = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 95})}
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
-_BLOCK, _RECORD = 512, 10240  # tar block and record sizes (tarfile pads archives to a record)
 
 
 @dataclass(frozen=True)
@@ -71,38 +66,6 @@ def parse_size(text: str | int) -> int:
     return int(float(m[1]) * 1024 ** "_kmgt".index(m[2] or "_"))
 
 
-# ---------------------------------------------------------------- reading the manifest
-
-def load_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a shards directory (or of the manifest file itself).
-
-    Adds "path": the absolute path of manifest.json, so the shards can be found beside it."""
-    path = Path(path)
-    file = path / MANIFEST if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{file}: no shards manifest here; make one with `sslctl shard SRC OUT` and pass OUT")
-    try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{file}: not valid JSON ({err}); was it written by `sslctl shard`?") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{file}: not an sslctl shards manifest (expected \"format\": \"{FORMAT}\")")
-    if manifest.get("version") != VERSION:
-        raise UserError(f"{file}: shards format version {manifest.get('version')}, this sslctl reads {VERSION}; reshard")
-    manifest["path"] = str(file.resolve())
-    return manifest
-
-
-def split_shards(manifest_or_path, split: str) -> list[Path]:
-    """The tar files of `split`, in stored order."""
-    manifest = manifest_or_path if isinstance(manifest_or_path, dict) else load_manifest(manifest_or_path)
-    if split not in manifest["splits"]:
-        raise UserError(f"{manifest['path']}: no split {split!r}; it has {', '.join(manifest['splits']) or 'none'}")
-    root = Path(manifest["path"]).parent
-    return [root / s["name"] for s in manifest["splits"][split]["shards"]]
-
-
-
 # ---------------------------------------------------------------- the worker side
 
 STATS_SAMPLE = 1_000  # image files per split decoded for mean/std: a seeded random sample (arrays: all)
@@ -120,7 +83,7 @@ def _prepare(task: tuple[list, int, int | None, str]) -> list[tuple]:
         result = _prepare_one(payload, i < decode, max_side, fmt)
         if result[0] == "ok":
             _, ext, data, *info = result
-            result = ("ok", _tar_members(key, ext, data, label), *info)
+            result = ("ok", tar_members(key, ext, data, label), *info)
         results.append(result)
     return results
 
@@ -159,15 +122,7 @@ def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str) -> tuple
         buf = io.BytesIO()
         img.save(buf, name, **kwargs)
         data = buf.getvalue()
-    return ("ok", ext, data, (img.height, img.width), len(img.getbands()), _moments(img))
-
-
-def _moments(img: Image.Image) -> tuple[list[int], list[int], int]:
-    """Exact per-channel (sum, sum of squares, pixels) from PIL's histogram: integers, so
-    totals do not depend on how the work was chunked."""
-    hist = np.asarray(img.histogram(), np.int64).reshape(-1, 256)
-    v = np.arange(256, dtype=np.int64)
-    return (hist @ v).tolist(), (hist @ (v * v)).tolist(), int(hist[0].sum())
+    return ("ok", ext, data, (img.height, img.width), len(img.getbands()), image_moments(img))
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -206,138 +161,6 @@ def _ordered_map(fn, tasks: list, workers: int):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-# ---------------------------------------------------------------- statistics
-
-class Stats:
-    """Exact pixel moments of the decoded images (gray and colour apart), image sizes, and how
-    many images have colour (from every image's header)."""
-
-    def __init__(self, d: dict | None = None):
-        d = d or {}
-        self.gray = d.get("gray", [0, 0, 0])  # sum, sum of squares, pixels
-        self.rgb = d.get("rgb", [[0, 0, 0], [0, 0, 0], 0])
-        self.sizes = collections.Counter(d.get("sizes", {}))
-        self.colour, self.decoded = d.get("colour", 0), d.get("decoded", 0)
-
-    def add(self, size, channels: int, moments) -> None:
-        self.sizes[f"{size[0]}x{size[1]}"] += 1
-        self.colour += channels == 3
-        if moments is None:
-            return
-        sums, sumsqs, pixels = moments
-        self.decoded += 1
-        if channels == 1:
-            self.gray = [self.gray[0] + sums[0], self.gray[1] + sumsqs[0], self.gray[2] + pixels]
-        else:
-            s, q, n = self.rgb
-            self.rgb = [[a + b for a, b in zip(s, sums)], [a + b for a, b in zip(q, sumsqs)], n + pixels]
-
-    def merge(self, other: Stats) -> None:
-        self.gray = [a + b for a, b in zip(self.gray, other.gray)]
-        s, q, n = self.rgb
-        self.rgb = [[a + b for a, b in zip(s, other.rgb[0])], [a + b for a, b in zip(q, other.rgb[1])], n + other.rgb[2]]
-        self.sizes.update(other.sizes)
-        self.colour += other.colour
-        self.decoded += other.decoded
-
-    def to_dict(self) -> dict:
-        return {"gray": self.gray, "rgb": self.rgb, "sizes": dict(sorted(self.sizes.items())),
-                "colour": self.colour, "decoded": self.decoded}
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.colour else 1
-
-    def mean_std(self, channels: int) -> tuple[list[float], list[float]]:
-        """Per channel, in 0..1; grayscale images count as R = G = B in a colour dataset."""
-        c = channels
-        g_sum, g_sq, g_n = self.gray
-        sums = [g_sum + (self.rgb[0][i] if c == 3 else 0) for i in range(c)]
-        sqs = [g_sq + (self.rgb[1][i] if c == 3 else 0) for i in range(c)]
-        n = max(1, g_n + (self.rgb[2] if c == 3 else 0))
-        mean = [s / n / 255 for s in sums]
-        std = [math.sqrt(max(0.0, q / n / 255**2 - m * m)) for q, m in zip(sqs, mean)]
-        return [round(m, 6) for m in mean], [round(s, 6) for s in std]
-
-    def common_size(self) -> list[int] | None:
-        if not self.sizes:
-            return None
-        best = max(self.sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        return [int(x) for x in best.split("x")]
-
-
-# ---------------------------------------------------------------- the writer side
-
-def _tar_size(entries: int) -> int:
-    return -(-(entries + 2 * _BLOCK) // _RECORD) * _RECORD
-
-
-def _header_template() -> bytes:
-    info = tarfile.TarInfo("")
-    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o444, 0, 0, "", ""
-    return info.tobuf(format=tarfile.USTAR_FORMAT)
-
-
-_TEMPLATE = _header_template()
-# Checksum of the template without its name (zeros), size and checksum (8 spaces) fields.
-_BASE_SUM = sum(_TEMPLATE[:124]) + sum(_TEMPLATE[136:148]) + 8 * 32 + sum(_TEMPLATE[156:])
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    """The USTAR header tarfile writes for a file with fixed metadata (mtime 0, uid/gid 0,
-    mode 0444), patched into a template: tarfile's own header code dominated the run time."""
-    name_b, size_b = name.encode("ascii"), b"%011o\0" % size
-    checksum = b"%06o\0 " % (_BASE_SUM + sum(name_b) + sum(size_b))
-    return name_b.ljust(100, b"\0") + _TEMPLATE[100:124] + size_b + _TEMPLATE[136:148] + checksum + _TEMPLATE[156:]
-
-
-def _tar_members(key: str, ext: str, data: bytes, label: int | None) -> bytes:
-    """A sample as tar members: KEY.cls (when labelled) then KEY.EXT, as webdataset's TarWriter
-    orders them, each a header plus its data padded to whole blocks."""
-    members = [(ext, data)] if label is None else [("cls", str(label).encode("ascii")), (ext, data)]
-    return b"".join(
-        _tar_header(f"{key}.{suffix}", len(payload)) + payload + b"\0" * (-len(payload) % _BLOCK)
-        for suffix, payload in members
-    )
-
-
-class _ShardWriter:
-    """One `SPLIT-NNNNNN.tar`, hashed while written to a temp file that is renamed into place on close."""
-
-    def __init__(self, path: Path):
-        self.path, self.count, self.bytes = path, 0, 0
-        self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_path(path))
-        self._file = self._stack.enter_context(open(tmp, "wb", buffering=1 << 20))
-        self._sha = hashlib.sha256()
-        self.stats = Stats()
-
-    def size_with(self, members: bytes) -> int:
-        return _tar_size(self.bytes + len(members))
-
-    def _write(self, chunk: bytes) -> None:
-        self._sha.update(chunk)
-        self._file.write(chunk)
-        self.bytes += len(chunk)
-
-    def add(self, key: str, ext: str, data: bytes, label: int | None) -> None:
-        """One sample: KEY.cls (when labelled) and KEY.EXT."""
-        self.add_members(_tar_members(key, ext, data, label))
-
-    def add_members(self, members: bytes) -> None:
-        """One sample already encoded as tar members (by `_tar_members`, in a pool worker)."""
-        self._write(members)
-        self.count += 1
-
-    def close(self) -> dict:
-        self._write(b"\0" * (_tar_size(self.bytes) - self.bytes))  # end-of-archive blocks, record padding
-        self._stack.close()  # fsync + rename
-        return {"name": self.path.name, "count": self.count, "bytes": self.bytes, "sha256": self._sha.hexdigest()}
-
-    def abort(self) -> None:
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 # ---------------------------------------------------------------- the stage
@@ -474,7 +297,7 @@ def shard(src: str | os.PathLike, out: str | os.PathLike, *, source: str = "auto
     if existing is None or {k: v for k, v in existing.items() if k != "provenance"} != {
         k: v for k, v in manifest.items() if k != "provenance"
     }:
-        atomic_write_json(manifest_path, manifest)
+        write_manifest(out, manifest)
     _remove_stale_shards(out, manifest)
     _summary(manifest, done_now, elapsed)
     return manifest_path
@@ -486,11 +309,11 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
     chunk = max(8, min(256, len(todo) // (workers * 8) or 8))
     tasks = [([(it.key, it.label, it.array if it.path is None else it.path) for it in todo[i : i + chunk]],
               max(0, STATS_SAMPLE - resume - i), opts.max_side, opts.format) for i in range(0, len(todo), chunk)]
-    writer, index, n_ok = None, resume, 0
+    writer, stats, index, n_ok = None, None, resume, 0
 
     def finish(end: int) -> None:
         record = writer.close()
-        split_state["shards"].append({**record, "end": end, "stats": writer.stats.to_dict()})
+        split_state["shards"].append({**record, "end": end, "stats": stats.to_dict()})
         split_state["done"] = end == len(items)
         atomic_write_json(out / STATE, state)
 
@@ -510,9 +333,9 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
                         finish(index)
                         writer = None
                     if writer is None:
-                        writer = _ShardWriter(out / f"{name}-{len(split_state['shards']):06d}.tar")
+                        writer, stats = ShardWriter(out / shard_name(name, len(split_state["shards"]))), Stats()
                     writer.add_members(members)
-                    writer.stats.add(size, channels, moments)
+                    stats.add(size, channels, moments)
                     n_ok += 1
                 index += 1
             bar.advance(task, len(results))
@@ -572,7 +395,7 @@ def _remove_stale_shards(out: Path, manifest: dict) -> None:
     """Shards of an earlier, longer attempt that the finished manifest does not list."""
     listed = {sh["name"] for s in manifest["splits"].values() for sh in s["shards"]}
     for p in out.iterdir():
-        if _SHARD_NAME.match(p.name) and p.name not in listed:
+        if SHARD_NAME.match(p.name) and p.name not in listed:
             p.unlink()
 
 

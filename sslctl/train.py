@@ -73,7 +73,7 @@ class Engine:
 
     def __init__(self, shards: str | Path, cfg: dict, out: str | Path, options: RunOptions = RunOptions(), *,
                  monitor: Monitor | None = None, wrap_loader: LoaderWrapper | None = None):
-        self.options, self.cfg, self.shards, self.out = options, cfg, Path(shards), Path(out)
+        self.options, self.cfg, self.shards, self.out = options, cfg, shards, Path(out)  # shards: a path or a URL
         self.device = resolve_device(options.device)
         enable_fast_kernels(self.device)
         dist.init_from_env(self.device.type)
@@ -91,7 +91,7 @@ class Engine:
                                      options.recipe_file or cfg["recipe"]["name"], implied=method_defaults(cfg))
 
         self.data = RunData(shards, cfg, options, rank=self.rank, world=self.world, device=self.device,
-                            channels_last=self.channels_last, wrap_loader=wrap_loader)
+                            channels_last=self.channels_last, index_dir=self.out, wrap_loader=wrap_loader)
         self.batch, self.steps_per_epoch = self.data.batch, self.data.steps_per_epoch
         if options.monitor_split is not None:
             self.data.check_labelled_split(options.monitor_split, "--monitor")
@@ -263,7 +263,7 @@ class Engine:
                             description=f"epoch {self.epoch + (self.position > 0)}/{self.epochs} loss {scalars['loss']:.4f}")
             if self.step % self.options.log_every == 0 or epoch_done or self.step == self.last_step:
                 self.log.flush(step=self.step, epoch=self.epoch if self.position else self.epoch - 1, lr=self.lr(self.step - 1),
-                               batch=self.batch, epochs=self.epochs, last_step=self.last_step)
+                               batch=self.batch, epochs=self.epochs, last_step=self.last_step, extra=self.data.skipped())
             if epoch_done:
                 self._epoch_end()
                 return

@@ -26,7 +26,6 @@ PROBE = """
 import json, sslctl, sslctl.paths as paths
 from sslctl.recipes import list_recipes, load_recipe
 from sslctl.sources import open_source
-from tests.conftest import run_bounded
 cfg = load_recipe("moco_v2", variant="small")
 source = open_source(paths.EMBEDDED_DATASET)
 print(json.dumps({

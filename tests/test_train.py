@@ -571,11 +571,12 @@ def test_the_monitor_callback_gets_the_features_of_both_splits(shards, tmp_path)
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--log-every", "0", "--log-every 0: expected a positive number"),
-    ("--checkpoint-every", "-1", "--checkpoint-every -1: expected a positive number"),
-    ("--max-steps", "0", "--max-steps 0: expected a positive number"),
+    # numeric flags: the CLI's bounds (cli/_bounds.py) refuse them before RunOptions sees them
+    ("--log-every", "0", "'--log-every': 0: expected an integer >= 1"),
+    ("--checkpoint-every", "-1", "'--checkpoint-every': -1: expected an integer >= 1"),
+    ("--max-steps", "0", "'--max-steps': 0: expected an integer >= 1"),
     ("--resume", "sometimes", "--resume sometimes: expected auto or never"),
-    ("--workers", "-2", "--workers -2: expected 0"),
+    ("--workers", "-2", "'--workers': -2: expected an integer >= 0"),
 ])
 def test_run_options_refuse_bad_values_with_exit_2(shards, tmp_path, capsys, flag, value, expected):
     code, stdout, stderr = _cli(capsys, "pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "run"), flag, value)

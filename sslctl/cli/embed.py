@@ -16,8 +16,15 @@ def command(
         ..., help="Run directory, encoder.safetensors, or a torchvision model name with --weights random; "
         "'-': read the path from stdin (`sslctl pretrain ... | sslctl embed - SHARDS`)."
     ),
-    shards: Path = typer.Argument(..., help="Shards directory or its manifest.json (what `sslctl shard` printed)."),
-    split: Optional[List[str]] = typer.Option(None, "--split", help="Split to embed (repeatable) (default: every split of the shards)."),
+    shards: Optional[str] = typer.Argument(
+        None, help="The data: a shards directory or its manifest.json (what `sslctl shard` printed), or any WebDataset: "
+        "a directory of .tar shards, a pattern (data/test-{000000..000009}.tar), URLs (http(s)://, s3://, gs://, "
+        "pipe:CMD; '::' joins several). Omit it to give each split its own source with --split NAME=SPEC."
+    ),
+    split: Optional[List[str]] = typer.Option(
+        None, "--split", help="Split to embed (repeatable; default: every split of the data), or NAME=SPEC: split NAME read "
+        "from its own source (--split train=URL_PATTERN --split test=URL_PATTERN, instead of SHARDS)."
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Features file (default: RUN/features.safetensors, with -projector / -random suffixes; "
         "for a model name ./features-NAME-random.safetensors)."
@@ -39,11 +46,14 @@ def command(
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes, as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
+    label_key: Optional[str] = typer.Option(None, "--label-key", help="Shards without a manifest: the member that holds a sample's label, EXT (default cls) or EXT:FIELD of a JSON member (json:label)."),
 ) -> None:
     """Embed shards with a frozen encoder (eval mode, evaluation transform); print FEATS.
 
     FEATS is one safetensors file with SPLIT.features (N x D) and SPLIT.labels per split, rows
     in the shards' order. An interrupted run continues where it stopped (rerun the command).
+    Shards without a manifest are indexed once into FEATS's directory (data-index-*.json);
+    unreadable images are skipped with a warning and have no row.
 
     Examples:
 
@@ -53,13 +63,24 @@ def command(
           --out floor.safetensors
         # 4 processes share the shards; the same FEATS:
         sslctl embed runs/moco shards/imagenet --nproc 4
+        # each split from its own source:
+        sslctl embed runs/moco --split 'train=s3://bkt/train-{0000..0099}.tar' \\
+          --split 'test=s3://bkt/test-{0000..0009}.tar'
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
     from sslctl.embed import embed
+    from sslctl.errors import UserError
     from sslctl.launch import launch
 
     console.set_quiet(quiet)
+    sources = dict(s.split("=", 1) for s in split or [] if "=" in s)
+    if sources:
+        if shards is not None or len(sources) != len(split):
+            raise UserError("--split NAME=SPEC gives every split its own source: then pass no SHARDS and no bare --split NAME")
+        shards, split = sources, None
+    elif shards is None:
+        raise UserError("no data given: pass SHARDS, or --split NAME=SPEC for each split")
     from_stdin = None
     if encoder == "-":
         encoder = from_stdin = str(path_from_stdin_or_arg(None, "encoder (a run directory from `sslctl pretrain`)"))
@@ -68,7 +89,7 @@ def command(
     feats = embed(
         encoder, shards, splits=split, out=out, layer=layer, weights=weights, small_stem=small_stem,
         input_size=input_size, normalize=normalize, batch_size=batch_size, device=device, dtype=dtype, bf16=bf16,
-        channels_last=channels_last, workers=workers, seed=seed,
+        channels_last=channels_last, workers=workers, seed=seed, label_key=label_key,
     )
     if distributed.is_main():  # under torchrun, one line from rank 0 only
         print(feats)

@@ -17,7 +17,7 @@ def command(
     protocol: str = typer.Option("precomputed", "--protocol", help="precomputed (E2) or augment (E3: frozen encoder, augmentation on the fly; needs --shards)."),
     train_split: str = typer.Option("train", "--train-split", help="Split the probe is trained on."),
     eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split that is scored, once, at the end (default: test, else val)."),
-    shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="E3: shards directory or manifest.json, or any WebDataset with both splits (a directory of train-*/test-* .tar shards)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="E2: at most this many L-BFGS iterations (default 100); E3: epochs (default 100)."),
     lr: float = typer.Option(30.0, "--lr", callback=above(0), help="E3: SGD learning rate (MoCo 30, AdCo 10)."),
     batch_size: int = typer.Option(256, "--batch-size", callback=at_least(1), help="E3: batch size."),

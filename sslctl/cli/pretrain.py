@@ -14,7 +14,10 @@ from sslctl.cli._bounds import at_least
 
 def command(
     shards: Optional[str] = typer.Argument(
-        None, help="Shards directory or its manifest.json (what `sslctl shard` printed); '-' or omitted: read the path from stdin."
+        None, help="The data: a shards directory or its manifest.json (what `sslctl shard` printed), or any WebDataset: a "
+        "directory of .tar shards, a pattern (data/train-{000000..000099}.tar), URLs (http(s)://, s3://, gs://, pipe:CMD; "
+        "'::' joins several); '-' or omitted: read it from stdin. Without a manifest the shards are indexed once "
+        "(sample counts, labels, mean/std of the first 1,000 images) into RUN_DIR/data-index-*.json; see docs/data.md."
     ),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (`sslctl recipes` lists them) or path to a .toml file."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: recipe.toml, checkpoints/last.pt, encoder.safetensors, metrics.jsonl."),
@@ -40,12 +43,16 @@ def command(
     nnodes: str = typer.Option("1", "--nnodes", help="Nodes (or MIN:MAX), as torchrun's --nnodes; more than one needs --rdzv-endpoint."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, reachable from every node (torchrun's)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the nodes (default: $SLURM_JOB_ID, else sslctl)."),
+    label_key: Optional[str] = typer.Option(None, "--label-key", help="Shards without a manifest: the member that holds a sample's label, EXT (default cls) or EXT:FIELD of a JSON member (json:label); only --monitor needs labels."),
 ) -> None:
     """Pretrain an encoder on the shards' train split with a recipe; print RUN_DIR.
 
     The recipe's optim.batch_size is the GLOBAL batch: under torchrun each process takes its
     share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on
     the CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
+    Streamed shards (URLs) resume exactly too, by the sample counts in RUN_DIR's data index;
+    a shard that breaks off is skipped, its samples replaced and counted in metrics.jsonl, and
+    if remote shards change after indexing the run goes on but is no longer exactly repeatable.
 
     --views says how the two (or more) views of an image are made: per-image (torchvision, in
     the loader's workers), batch (a whole uint8 batch at once, in the workers),
@@ -62,10 +69,13 @@ def command(
           --out runs/simclr --set optim.lr=0.5
         # the same, with torchrun started for you:
         sslctl pretrain shards/ --recipe simclr --out runs/simclr --nproc 4
+        # any WebDataset, e.g. over HTTP:
+        sslctl pretrain 'https://host/train-{000000..000099}.tar' \\
+          --recipe simclr --out runs/web
     """
     from sslctl import console, distributed
     from sslctl.artifacts import path_from_stdin_or_arg
-    from sslctl.data import load_manifest
+    from sslctl.data import open_dataset
     from sslctl.launch import launch
     from sslctl.recipes import load_recipe, recipe_path
     from sslctl.train import Engine
@@ -76,9 +86,10 @@ def command(
         log_every=log_every, monitor_split=monitor, monitor_every=monitor_every, max_steps=max_steps,
         channels_last=channels_last, amp=amp, recipe_file=str(recipe_path(recipe)), views=views,
     )
-    shards_path = path_from_stdin_or_arg(shards, "shards (a directory or manifest.json from `sslctl shard`)")
-    manifest = load_manifest(shards_path)
-    size = manifest.get("image_size")
+    shards_path = shards  # a URL stays a string (a Path would fold its //)
+    if shards in (None, "-"):
+        shards_path = str(path_from_stdin_or_arg(shards, "shards (a directory or manifest.json from `sslctl shard`)"))
+    size = open_dataset(shards_path, index_dir=out, label_key=label_key).get("image_size")  # indexes foreign shards once
     overrides = flags.recipe_overrides(set_, epochs, batch_size)
     cfg = load_recipe(recipe, variant=variant, overrides=overrides, image_size=max(size) if size else None)
     from_stdin = str(shards_path) if shards in (None, "-") else None

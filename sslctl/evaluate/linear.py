@@ -173,11 +173,11 @@ def augmented_probe(
 ) -> dict:
     """E3: train a linear layer on the frozen encoder with augmentation; score eval_split (None:
     test, else val) once."""
-    from sslctl.data import load_manifest, make_loader, split_shards
+    from sslctl.data import make_loader, open_dataset, split_shards
     from sslctl.embed import embed_shards, open_encoder, resolve_normalization
     from sslctl.devices import default_amp, resolve_device
 
-    manifest = load_manifest(shards)
+    manifest = open_dataset(shards)  # sslctl shards, or any WebDataset with train and eval splits (indexed in memory)
     if not manifest.get("labelled"):
         raise UserError(f"{manifest['path']}: the shards have no labels; a linear probe needs labelled shards")
     eval_split = pick_eval_split(eval_split, list(manifest["splits"]), manifest["path"], holder="shards")
