@@ -13,7 +13,7 @@ from sslctl.finetune import head_prefix
 from sslctl.methods import build_method
 from sslctl.methods.simclr import SimCLR
 from sslctl.recipes import load_recipe, scaled_lr
-from tests.realrun import learned, short_run
+from tests.realrun import CHEAP, learned, short_run
 
 
 @pytest.fixture(autouse=True)
@@ -71,23 +71,21 @@ def test_fine_tuning_starts_from_the_first_head_layer_output():
         assert torch.equal(first(h), expected) and first(h).shape == (4, 512) and (first(h) >= 0).all()
 
 
-# The short-run settings of tests/test_short_runs.py (the 2-core CPU's budget): batch 16 at the lr
-# given for it, one epoch's schedule without warmup (10 warmup epochs cannot end in 300 steps),
-# 28-px crops of scale 0.2-1 (8%-crops of a 28-px image hold too little to learn from in 300
-# steps); the lr is CIFAR SimCLR's effective 2.0 (1.0 x 512/256), not the recipe's 1.0 x 16/256.
-SHORT_RUN = ["optim.batch_size=16", "optim.scaling=none", "optim.lr=2.0", "schedule.epochs=1", "schedule.warmup_epochs=0",
-             "augment.crop_size=28", "augment.crop_scale=[0.2, 1.0]"]
+# The cheap learning check's settings (tests/realrun.py CHEAP: the tiny ResNet, batch 16 at the
+# lr given for it, one epoch's schedule without warmup, 28-px crops of scale 0.2-1); the lr is
+# CIFAR SimCLR's effective 2.0 (1.0 x 512/256), not the recipe's 1.0 x 16/256.
+SHORT_RUN = [*CHEAP, "optim.lr=2.0"]
 
 
 @pytest.mark.slow
 def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
-    """SimCLR v2 small variant (ResNet-18, 3-layer head, t 0.5) on 5,000 Fashion-MNIST images,
+    """SimCLR v2 small variant (tiny ResNet, 3-layer head, t 0.5) on 5,000 Fashion-MNIST images,
     300 steps of 16: the loss falls, the embeddings keep their spread, and held-out images' views
-    retrieve each other better than at initialisation on (nearly) every one of 4 draws (measured:
-    0.052 -> 0.117 on average; docs/methods-swav-simclr2.md)."""
+    retrieve each other better than at initialisation (measured, seed 0: 0.045 -> 0.099 on
+    average, every draw; 49 CPU-s)."""
     cfg = load_recipe("simclr_v2", variant="small", overrides=SHORT_RUN)
     rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / "run", 300)
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # 6.03 -> 4.47 measured
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # 6.17 -> 4.46 measured
     assert rows[-1]["z_std"] > 0.5 / math.sqrt(128), rows[-1]  # healthy ~ 1/sqrt(128) = 0.088
     assert learned(at_init, trained), (at_init, trained)

@@ -13,7 +13,7 @@ from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.methods import Progress, build_method
 from sslctl.methods import swav as swav_module
 from sslctl.recipes import load_recipe
-from tests.realrun import learned, short_run
+from tests.realrun import CHEAP, learned, short_run
 
 
 def unit(*shape: int) -> torch.Tensor:
@@ -277,23 +277,22 @@ def test_distributed_sinkhorn_equals_single_process_on_the_concatenated_batch(tm
 # - the 2-large-crop variant (SwAV's `--nmb_crops 2`, docs/spec/methods.md §4a): 4 small crops made a step
 #   ~2.5x slower and gained nothing in 600 steps; multi-crop's batching and its loss over every
 #   crop are checked above.
-SHORT_RUN = [
-    "optim.batch_size=16", "schedule.epochs=2", "augment.crop_size=28", "augment.crop_scale=[0.2, 1.0]",
-    "augment.extra_crops=0", "head.prototypes=3000", "method.epsilon=0.01",
-]
+# The cheap learning check's settings (tests/realrun.py CHEAP: the tiny ResNet, batch 16, no
+# warmup, 28-px crops), two epochs' schedule, two crops, 3000 prototypes.
+SHORT_RUN = [*CHEAP, "schedule.epochs=2", "augment.extra_crops=0", "head.prototypes=3000", "method.epsilon=0.01"]
 
 
 @pytest.mark.slow
 def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
-    """SwAV small variant (2 x 28-px crops, 3000 prototypes) on 5,000 Fashion-MNIST images, 600
-    steps of 16: the loss falls from above the collapse plateau ln K = 8.01 (where random scores
-    start) to below it, the embeddings keep their spread, and held-out images' views retrieve
-    each other better than at initialisation on (nearly) every one of 4 draws."""
+    """SwAV small variant (tiny ResNet, 2 x 28-px crops, 3000 prototypes) on 5,000 Fashion-MNIST
+    images, 600 steps of 16: the loss falls from above the collapse plateau ln K = 8.01 (where
+    random scores start) to below it, the embeddings keep their spread, and held-out images'
+    views retrieve each other better than at initialisation (seed 0: x1.67; 96 CPU-s)."""
     cfg = load_recipe("swav", variant="small", overrides=SHORT_RUN)
     rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / "run", 600)
     losses = [r["loss"] for r in rows if "loss" in r]
     first, late = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     print(f"swav: loss {first:.3f} -> {late:.3f}; z_std {rows[-1]['z_std']:.4f}; view retrieval {at_init} -> {trained}")
-    assert late < first - 0.2 and late < math.log(3000), losses  # 8.14 -> 6.92 measured
+    assert late < first - 0.2 and late < math.log(3000), losses  # 8.26 -> 7.15 measured
     assert rows[-1]["z_std"] > 0.5 / math.sqrt(128), rows[-1]  # healthy ~ 1/sqrt(128) = 0.088
-    assert learned(at_init, trained), (at_init, trained)  # 2.6x on the sum, every draw (measured)
+    assert learned(at_init, trained), (at_init, trained)  # 1.67x on the sum, 3 of 4 draws (measured)
