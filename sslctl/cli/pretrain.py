@@ -47,11 +47,9 @@ def command(
     share. Rerunning the same command resumes from RUN_DIR/checkpoints/last.pt (exactly, on
     the CPU); SIGTERM/SIGINT save a checkpoint and exit 143/130 so a batch system can requeue.
 
-    --views says how the two (or more) views of an image are made: per-image (torchvision, in
-    the loader's workers), batch (a whole uint8 batch at once, in the workers),
-    batch-on-device (a whole batch on the training device, in the training process), or auto
-    (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in
-    docs/performance.md.
+    --views says how the two (or more) views of an image are made, in the loader's workers:
+    per-image (torchvision), batch (a whole uint8 batch at once), or auto (batch for a batch of
+    images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md.
 
     Examples:
 
