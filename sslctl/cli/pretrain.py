@@ -54,11 +54,9 @@ def command(
     a shard that breaks off is skipped, its samples replaced and counted in metrics.jsonl, and
     if remote shards change after indexing the run goes on but is no longer exactly repeatable.
 
-    --views says how the two (or more) views of an image are made: per-image (torchvision, in
-    the loader's workers), batch (a whole uint8 batch at once, in the workers),
-    batch-on-device (a whole batch on the training device, in the training process), or auto
-    (batch for a batch of images of one shape up to 128x128 px, else per-image). Measured in
-    docs/performance.md.
+    --views says how the two (or more) views of an image are made, in the loader's workers:
+    per-image (torchvision), batch (a whole uint8 batch at once), or auto (batch for a batch of
+    images of one shape up to 128x128 px, else per-image). Measured in docs/performance.md.
 
     Examples:
 
