@@ -189,6 +189,13 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> N
             group["weight_decay"] = weight_decay
 
 
+def warmup_steps(schedule_cfg: dict, steps_per_epoch: int) -> int:
+    """The warm-up's length in steps: `warmup_steps` when given, else `warmup_epochs` epochs."""
+    if "warmup_steps" in schedule_cfg:
+        return int(schedule_cfg["warmup_steps"])
+    return round(float(schedule_cfg.get("warmup_epochs", 0)) * max(1, int(steps_per_epoch)))
+
+
 def lr_at(step: int, steps_per_epoch: int, schedule_cfg: dict, peak_lr: float) -> float:
     """Learning rate at global step `step` (0-based).
 
@@ -204,10 +211,7 @@ def lr_at(step: int, steps_per_epoch: int, schedule_cfg: dict, peak_lr: float) -
     spe = max(1, int(steps_per_epoch))
     epochs = float(schedule_cfg["epochs"])
     total = max(1, round(epochs * spe))
-    if "warmup_steps" in schedule_cfg:
-        warm = int(schedule_cfg["warmup_steps"])
-    else:
-        warm = round(float(schedule_cfg.get("warmup_epochs", 0)) * spe)
+    warm = warmup_steps(schedule_cfg, spe)
     if step < warm:
         start = float(schedule_cfg.get("warmup_start_lr", 0.0))
         return start + (peak_lr - start) * step / warm

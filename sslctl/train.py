@@ -48,7 +48,7 @@ from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, UserError
 from sslctl.methods import Method, Progress, build_method, method_defaults
 from sslctl.metrics_log import MetricsLog, Window
-from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, weight_decay_at
+from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, warmup_steps, weight_decay_at
 from sslctl.recipes import recipe_to_toml, scaled_lr
 from sslctl.run_data import RunData
 from sslctl.run_options import RunOptions
@@ -153,8 +153,18 @@ class Engine:
             f"{f' x {self.world} processes' if self.world > 1 else ''}: batch {self.batch} global"
             f"{f' = {self.data.batch_per_rank} per process' if self.world > 1 else ''}, {lr_message}, "
             f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, bf16 {'on' if self.amp else 'off'}, "
-            f"channels_last {'on' if self.channels_last else 'off'}, {self.data.workers} loader workers, views {views}"
+            f"channels_last {'on' if self.channels_last else 'off'}, {self.data.workers} loader workers "
+            f"({'--workers' if self.options.workers is not None else 'the cores less one, at most 16; --workers N to change'}), "
+            f"views {views}"
         )
+        warm = warmup_steps(cfg["schedule"], self.steps_per_epoch)
+        if warm >= self.last_step:
+            key = "warmup_steps" if "warmup_steps" in cfg["schedule"] else "warmup_epochs"
+            fix = (f"--set schedule.warmup_steps={max(1, self.last_step // 10)}" if key == "warmup_steps"
+                   else f"--set schedule.warmup_epochs={round(self.last_step / 10 / self.steps_per_epoch, 2)}")
+            console.warn(f"the lr warm-up lasts {warm} steps (schedule.{key} = {cfg['schedule'][key]}) but this run ends "
+                         f"at step {self.last_step}: the lr never reaches its peak and the run learns little; a tenth "
+                         f"of the run is a common warm-up: {fix}")
         if self.saved_step is not None:
             console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 

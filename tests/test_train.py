@@ -354,6 +354,24 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
 # ------------------------------------------------------------------------------ outputs
 
 
+def test_a_warm_up_as_long_as_the_run_is_named_with_its_fix_and_the_workers_say_why(shards, tmp_path):
+    """simclr's small variant warms up for 10 epochs: shortened to one, its lr never reaches the
+    peak. The start line says so with the numbers and the --set that fixes it, and says how the
+    loader workers were chosen."""
+    common = ["--recipe", "simclr", "--batch-size", "16", "--set", "augment.crop_size=16", "--epochs", "1",
+              "--max-steps", "1"]
+    short = _run([sys.executable, "-m", "sslctl", "pretrain", str(shards), "--out", str(tmp_path / "a"), *common,
+                  "--workers", "0"])
+    assert short.returncode == 0, short.stderr
+    said = " ".join(short.stderr.split())
+    assert "the lr warm-up lasts 60 steps (schedule.warmup_epochs = 10) but this run ends at step 1" in said, said
+    assert "--set schedule.warmup_epochs=0.02" in said and "0 loader workers (--workers)" in said, said
+    fixed = _run([sys.executable, "-m", "sslctl", "pretrain", str(shards), "--out", str(tmp_path / "b"), *common,
+                  "--set", "schedule.warmup_epochs=0"])
+    assert fixed.returncode == 0, fixed.stderr
+    assert "warm-up" not in fixed.stderr and "the cores less one, at most 16; --workers N to change" in fixed.stderr
+
+
 def test_outputs_stdout_stdin_encoder_and_monitor(shards, tmp_path):
     out = tmp_path / "run"
     done = run_cli("pretrain", "-", "--recipe", "moco_v2", "--out", str(out), *TINY, "--epochs", "2",
