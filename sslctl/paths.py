@@ -1,9 +1,12 @@
-"""Where sslctl's own files are: the embedded dataset and the recipes folder."""
+"""Where sslctl's own files are: the embedded datasets and the recipes folder."""
 
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Fashion-MNIST, 5,000 + 1,000 gray 28x28 images as idx files: what the fast tests train on.
 EMBEDDED_DATASET = PACKAGE_DIR / "_data" / "fashion-mnist-mini"
+# EuroSAT RGB, colour class folders split train/ test/: the main job's (shell/quickstart.sh).
+EUROSAT_MINI = PACKAGE_DIR / "_data" / "eurosat-mini"
 
 
 def _recipes_dir() -> Path:

@@ -92,7 +92,8 @@ def _wheel_files(wheel: Path) -> set[str]:
 def test_wheel_holds_every_module_recipe_and_data_file(wheels):
     direct, from_sdist = wheels
     expected = _checkout_files()
-    assert {"sslctl/_recipes/moco_v2.toml", "sslctl/_data/fashion-mnist-mini/train-images-idx3-ubyte.gz"} <= expected
+    assert {"sslctl/_recipes/moco_v2.toml", "sslctl/_data/fashion-mnist-mini/train-images-idx3-ubyte.gz",
+            "sslctl/_data/eurosat-mini/LICENSE", "sslctl/_data/eurosat-mini/train/Forest/Forest_1004.webp"} <= expected
     for wheel in (direct, from_sdist):
         missing = expected - _wheel_files(wheel)
         # A missing sslctl/<sub>/*.py means the subpackage is not in pyproject's packages list.
