@@ -78,6 +78,25 @@ def validate_manifest(manifest, file: str | os.PathLike) -> None:
     if not ok:
         raise UserError(f"{file}: \"splits\" must map each split to its \"count\" and \"shards\" "
                         "(each with \"name\" and \"count\"); reshard with `sslctl shard`")
+    for split, entry in splits.items():  # names become parts of paths: none may leave its folder
+        check_split_name(split, f"{file}: split")
+        for shard in entry["shards"]:
+            name = shard["name"]
+            if not name or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+                raise UserError(f"{file}: split {split!r} has a shard named {name!r}, which is not a file name; "
+                                "reshard with `sslctl shard` or fix the manifest")
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+-]*(\.[A-Za-z0-9_+-]+)*")
+
+
+def check_split_name(name: str, where: str) -> str:
+    """`name` unless it could leave the folder it is joined to: split names read from an artifact
+    or a flag become parts of the file names sslctl writes (embed's parts, for one)."""
+    if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name):
+        raise UserError(f"{where} {name!r} is not a split name (letters, digits, _ + - and inner dots; "
+                        "no '/' or '..'); reshard with `sslctl shard` or fix the manifest")
+    return name
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:

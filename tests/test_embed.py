@@ -201,3 +201,27 @@ def test_a_resume_with_every_part_written_assembles_the_file(shards, tmp_path, m
     a, b = load_file(str(reference)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "f.safetensors.parts").exists()
+
+
+@pytest.mark.parametrize("field", ["split", "shard"])
+def test_a_manifest_name_that_leaves_its_folder_is_refused(shards, tmp_path, field):
+    """Names read from an artifact become parts of the paths embed writes (FEATS.parts/SPLIT-N):
+    a split named ../../../X wrote three folders up. Refused, exit 2, naming the manifest."""
+    import json
+    import shutil
+
+    from tests.conftest import run_cli
+
+    bad = tmp_path / "deep" / "er" / "shards"
+    shutil.copytree(shards, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    if field == "split":
+        manifest["splits"]["../../../X"] = manifest["splits"].pop("test")
+    else:
+        manifest["splits"]["test"]["shards"][0]["name"] = "../outside.tar"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = run_cli("embed", *CHEAP_ENCODER, str(bad), "--out", str(bad / "f.safetensors"), "--workers", "0")
+    assert done.returncode == 2, done.stderr
+    assert str(bad / "manifest.json") in done.stderr and "Traceback" not in done.stderr
+    assert ("is not a split name" if field == "split" else "is not a file name") in done.stderr
+    assert not list(tmp_path.rglob("X-*")) and not (bad / "f.safetensors").exists()
