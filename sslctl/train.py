@@ -51,6 +51,7 @@ from sslctl.metrics_log import MetricsLog, Window
 from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, warmup_steps, weight_decay_at
 from sslctl.recipes import recipe_to_toml, scaled_lr
 from sslctl.run_data import RunData
+from sslctl.run_lock import hold_run_dir
 from sslctl.run_options import RunOptions
 from sslctl.stop import StopSignals, agree, next_views
 
@@ -196,8 +197,15 @@ class Engine:
     # -------------------------------------------------------------------------- the loop
 
     def run(self) -> Path:
+        lock = hold_run_dir(self.out) if self.main else None  # one writer per run directory
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _run(self) -> Path:
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.toml", self.recipe_text)
         self.log.restart_at(self.step)  # entries past the checkpoint go
         # A live bar (images/s, ETA) on a terminal, for rank 0; the log lines say the same in files.

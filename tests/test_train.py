@@ -98,6 +98,29 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(shards, referen
     assert [m["step"] for m in _metrics(out)] == list(range(1, 15))
 
 
+def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_does_not_block(shards, tmp_path):
+    """Two pretrains on one --out interleaved their metrics and the last writer won the checkpoint:
+    the second is now exit 2 naming the holder. The lock dies with its process (flock), so after
+    a kill -9 the same command resumes."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(_pretrain(shards, out, "--max-steps", "100000", "--workers", "0", "--checkpoint-every", "1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    try:
+        _wait_for_steps(first, out / "metrics.jsonl", 2)
+        second = _run(_pretrain(shards, out, "--max-steps", "3", "--workers", "0"))
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert second.returncode == 2, second.stderr
+    said = " ".join(second.stderr.split())
+    assert f"{out}: the run directory is in use by sslctl pid {first.pid}" in said and "Traceback" not in said, said
+    killed_at = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
+    again = _run(_pretrain(shards, out, "--max-steps", str(killed_at + 1), "--workers", "0"))
+    assert again.returncode == 0, again.stderr
+    assert f"at step {killed_at}" in " ".join(again.stderr.split())
+
+
 def test_sigterm_saves_exits_143_and_resumes_exactly(shards, reference, tmp_path):
     out = tmp_path / "run"
     cmd = _pretrain(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "100")
