@@ -317,19 +317,34 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards,
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_a_corrupt_shard_with_loader_workers_exits_2_naming_it(shards, tmp_path):
-    """A loader worker's error ends the run at once: one line naming the shard (not the worker's
-    traceback), exit 2. The workers ignore SIGTERM (so a job's signal reaches the main process
-    alone), so unless they are shut down the interpreter's exit waits on them forever."""
+def test_a_corrupt_shard_with_loader_workers_is_skipped_and_the_run_exits(shards, tmp_path):
+    """A truncated shard read by loader workers: its missing samples are replaced and counted, the
+    run finishes and the process exits (the workers ignore SIGTERM, so unless they are shut down
+    the interpreter's exit waited on them forever)."""
     broken = tmp_path / "shards"
     shutil.copytree(shards, broken)
     tar = sorted(broken.glob("train-*.tar"))[0]
     os.truncate(tar, tar.stat().st_size // 2)
-    done = _run(_pretrain(broken, tmp_path / "run", "--max-steps", "20", "--workers", "2"), timeout=180)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and "DataLoader worker" not in done.stderr, done.stderr
-    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert str(tar) in line and "truncated shard" in line, line
+    done = _run(_pretrain(broken, tmp_path / "run", "--max-steps", "8", "--workers", "2"), timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert f"{tar}: holds" in done.stderr and "replaced by others" in done.stderr and "skipped_shards 1" in done.stderr, done.stderr
+
+
+def test_a_user_error_in_a_loader_worker_is_reported_as_sslctl_wrote_it():
+    """torch re-raises a worker's exception with the worker's traceback as its message; the CLI
+    prints the message alone."""
+    from torch._utils import ExceptionWrapper
+
+    from sslctl.errors import UserError, user_message
+
+    try:
+        raise UserError("x.tar: truncated shard (member '7.cls'); rerun `sslctl shard`\nsecond line")
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(UserError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    assert user_message(raised.value) == "x.tar: truncated shard (member '7.cls'); rerun `sslctl shard`\nsecond line"
 
 
 @pytest.mark.parametrize(
