@@ -66,6 +66,26 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_safetensors(target: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> Path:
+    """safetensors' save_file, atomic and byte-deterministic. safetensors writes its metadata map
+    in an order that changes from process to process, so identical features would hash apart;
+    the header is rewritten with the metadata keys sorted (the same bytes in another order, so
+    its length and the tensor offsets after it stand)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "r+b") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) <= size:  # padding: safetensors reads trailing spaces as part of the header
+                f.seek(8)
+                f.write(text.ljust(size))
+    return Path(target)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -30,12 +30,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sslctl import console
-from sslctl.artifacts import atomic_path, provenance, sha256_file
+from sslctl.artifacts import provenance, save_safetensors, sha256_file
 from sslctl.errors import UserError
 from sslctl.predict import predict
 
@@ -368,8 +368,8 @@ def embed(
             if len(labels) != expected:  # unreadable samples were skipped: the features have no rows for them
                 console.warn(f"{tar}: {expected - len(labels)} of its {expected} images could not be read; "
                              "the features leave them out")
-            with atomic_path(parts / f"{split}-{i:06d}.safetensors") as tmp:
-                save_file({"features": feats.contiguous(), "labels": labels}, str(tmp), metadata={"fingerprint": shard_fp})
+            save_safetensors(parts / f"{split}-{i:06d}.safetensors", {"features": feats.contiguous(), "labels": labels},
+                             {"fingerprint": shard_fp})
     distributed.barrier()  # every rank's parts are written
     if rank != 0:
         return out
@@ -397,8 +397,7 @@ def embed(
         "bf16": str(bool(bf16)).lower(),
         "provenance": json.dumps(provenance(inputs)),
     }
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(out, tensors, meta)
     shutil.rmtree(parts, ignore_errors=True)
     return out
 

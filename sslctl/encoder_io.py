@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from sslctl.artifacts import atomic_path, provenance
+from sslctl.artifacts import provenance, save_safetensors
 from sslctl.encoders import build_backbone
 from sslctl.errors import UserError
 
@@ -50,9 +50,7 @@ def save_encoder(
         "provenance": json.dumps(provenance(inputs)),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return save_safetensors(path, tensors, meta)
 
 
 def read_metadata(path: str | Path) -> dict:
