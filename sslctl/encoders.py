@@ -14,7 +14,9 @@ dynamic_img_size, ...); they are saved in encoder.safetensors so `load_encoder` 
 same net. timm is an extra (`pip install 'sslctl[timm]'`).
 
 Custom networks that torchvision lacks (the AMDIM encoder, ...) live in `sslctl/nets/` and are
-registered in CUSTOM by name.
+registered in CUSTOM by name. A user's own net is named by its import path, "package.module:factory"
+(as a plugin method is): factory(**options) returns an nn.Module whose forward gives B x D and whose
+`feature_dim` is D.
 """
 
 from __future__ import annotations
@@ -150,6 +152,21 @@ def _check_input_size(model: nn.Module, args: tuple) -> None:
         )
 
 
+def is_custom(name: str) -> bool:
+    """A registered custom net, or one named by its import path "package.module:factory"."""
+    return name in CUSTOM or (":" in name and not is_timm(name))
+
+
+def custom_factory(name: str):
+    path = CUSTOM.get(name, name)
+    module_name, _, factory = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), factory)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"encoder.name = '{name}': cannot import {factory} from {module_name} ({err}); "
+                        "a custom net is named package.module:factory, importable from where sslctl runs") from None
+
+
 def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
     """The encoder by name: any torchvision classification model, a timm model ("timm:NAME"),
     or a registered custom net.
@@ -164,9 +181,8 @@ def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
         if fixed_input_size(model) is not None:
             model.register_forward_pre_hook(_check_input_size)
         return model
-    if name in CUSTOM:
-        module_name, factory = CUSTOM[name].split(":")
-        model = getattr(importlib.import_module(module_name), factory)(**kwargs)
+    if is_custom(name):
+        model = custom_factory(name)(**kwargs)
         model.arch = name
         model.options = dict(kwargs)  # saved in encoder.safetensors so load_encoder rebuilds the same net
         return model
@@ -176,7 +192,7 @@ def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, torchvision_names() + list(CUSTOM), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"unknown encoder '{name}'{hint} (any torchvision classification model name works, "
-                        "or a timm model as timm:NAME)")
+                        "a timm model as timm:NAME, or your own net as package.module:factory)")
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     except (TypeError, ValueError) as err:
@@ -194,9 +210,8 @@ def option_keys(name: str) -> tuple[str, ...] | None:
     """The [encoder] keys the encoder `name` takes as options; None: any key (timm validates them)."""
     if is_timm(name):
         return None
-    if name in CUSTOM:
-        module_name, factory = CUSTOM[name].split(":")
-        return tuple(inspect.signature(getattr(importlib.import_module(module_name), factory)).parameters)
+    if is_custom(name):
+        return tuple(inspect.signature(custom_factory(name)).parameters)
     if name in torchvision_names():
         return TORCHVISION_OPTIONS.get(torchvision.models.get_model_builder(name).__module__, ())
     return ()

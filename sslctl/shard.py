@@ -9,11 +9,12 @@ process pool; the main process appends the results to the shards in a fixed orde
 output does not depend on --workers. Fixed tar metadata (mtime 0, uid/gid 0, mode 0444) and a
 seeded sample order make the shards byte-identical for the same input and flags.
 
-Verification: raw arrays are always whole. A JPEG or PNG file whose header parses and which
-ends with its end marker is stored as is; anything else (no end marker, other formats) gets a
-full decode, and what fails to decode is skipped. Mean/std come from every pixel of raw arrays
-and of a seeded random sample of STATS_SAMPLE image files per split (decoding all of ImageNet
-for two numbers would cost more than the sharding itself).
+Verification: every image file is decoded before it enters a shard, and what fails to decode
+is skipped. A JPEG that is kept as is decodes at 1/8 scale (libjpeg's DCT scaling: all of its
+entropy-coded data, a fraction of the pixel work). An image over --max-pixels (a decompression
+bomb: a 600-byte JPEG can claim 60000 x 60000) is skipped from its header, before any pixel is
+made. Mean/std weigh every image the same (`image_moments`) and come from raw arrays and a
+seeded random sample of STATS_SAMPLE image files per split.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from PIL import Image, UnidentifiedImageError
 from sslctl import console
 from sslctl.artifacts import atomic_write_json, provenance, sha256_file
 from sslctl.errors import UserError
-from sslctl.shardfmt import (FORMAT, MANIFEST, SHARD_NAME, VERSION, ShardWriter, Stats, image_moments, shard_name,
-                             tar_members, write_manifest)
+from sslctl.shardfmt import (FORMAT, MANIFEST, MAX_PIXELS, SHARD_NAME, VERSION, ImageTooLarge, ShardWriter, Stats,
+                             check_pixels, image_moments, shard_name, tar_members, write_manifest)
 from sslctl.sources import Item, Source, open_source, standard_mode
 
 STATE = ".sslctl-shard-state.json"
@@ -56,6 +57,7 @@ class Options:
     seed: int = 0
     max_side: int | None = None
     format: str = "keep"
+    max_pixels: int = MAX_PIXELS
 
 
 def parse_size(text: str | int) -> int:
@@ -71,16 +73,16 @@ def parse_size(text: str | int) -> int:
 STATS_SAMPLE = 1_000  # image files per split decoded for mean/std: a seeded random sample (arrays: all)
 
 
-def _prepare(task: tuple[list, int, int | None, str]) -> list[tuple]:
+def _prepare(task: tuple[list, int, int | None, str, int]) -> list[tuple]:
     """Read, verify, (if asked) re-encode and tar-encode a chunk of (key, label, payload), in a
     pool worker: the main process only appends the returned tar members to the shard.
 
     Each result is ("ok", tar members, (h, w), channels, moments) or ("skip", reason); the
     first `decode` items of the chunk are fully decoded for their pixel moments."""
-    items, decode, max_side, fmt = task
+    items, decode, max_side, fmt, max_pixels = task
     results = []
     for i, (key, label, payload) in enumerate(items):
-        result = _prepare_one(payload, i < decode, max_side, fmt)
+        result = _prepare_one(payload, i < decode, max_side, fmt, max_pixels)
         if result[0] == "ok":
             _, ext, data, *info = result
             result = ("ok", tar_members(key, ext, data, label), *info)
@@ -88,7 +90,7 @@ def _prepare(task: tuple[list, int, int | None, str]) -> list[tuple]:
     return results
 
 
-def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str) -> tuple:
+def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str, max_pixels: int) -> tuple:
     data, original = None, None
     if isinstance(payload, np.ndarray):
         img = Image.fromarray(payload)
@@ -101,15 +103,21 @@ def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str) -> tuple
         if not data:
             return ("skip", "empty file (0 bytes)")
         header = _complete_header(data)
-        if header and not decode and fmt in ("keep", header[0]) and (not max_side or max(header[1]) <= max_side):
-            return ("ok", header[0], data, header[1], header[2], None)  # pass-through, verified by its structure
         try:
-            img = Image.open(io.BytesIO(data))
+            check_pixels(data, max_pixels, hint="raise --max-pixels to keep it")
+            img = Image.open(io.BytesIO(data))  # reads the header only
             original = img.format
-            img.load()  # a full decode catches what the structure check cannot tell
+            if header and not decode and fmt in ("keep", header[0]) and (not max_side or max(header[1]) <= max_side):
+                if header[0] == "jpg":
+                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()  # verified: stored as is
+                return ("ok", header[0], data, header[1], header[2], None)
+            img.load()
         except UnidentifiedImageError:
             return ("skip", "not an image (unrecognised file format)")
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        except ImageTooLarge as err:
+            return ("skip", str(err))
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
             return ("skip", f"corrupt or truncated image: {err}")
     img = standard_mode(img)
     resized = bool(max_side and max(img.size) > max_side)
@@ -308,7 +316,7 @@ def _write_split(out, name, items, resume, split_state, state, opts, workers, ba
     todo = items[resume:]
     chunk = max(8, min(256, len(todo) // (workers * 8) or 8))
     tasks = [([(it.key, it.label, it.array if it.path is None else it.path) for it in todo[i : i + chunk]],
-              max(0, STATS_SAMPLE - resume - i), opts.max_side, opts.format) for i in range(0, len(todo), chunk)]
+              max(0, STATS_SAMPLE - resume - i), opts.max_side, opts.format, opts.max_pixels) for i in range(0, len(todo), chunk)]
     writer, stats, index, n_ok = None, None, resume, 0
 
     def finish(end: int) -> None:

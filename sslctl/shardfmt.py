@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from sslctl.artifacts import atomic_path, atomic_write_json
 from sslctl.errors import UserError
@@ -135,17 +136,27 @@ def is_url(location: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------- statistics (the manifest's mean/std)
 
+MOMENT_PIXELS = 1 << 20  # every image's moments are scaled to this many pixels
+
+
 def image_moments(img) -> tuple[list[int], list[int], int]:
-    """Exact per-channel (sum, sum of squares, pixels) from PIL's histogram: integers, so
-    totals do not depend on how the work was chunked."""
+    """Per-channel (sum, sum of squares, pixels) from PIL's histogram, scaled to MOMENT_PIXELS
+    so that every image weighs the same in the mean/std (one 12000 x 12000 image among 32 x 32
+    ones must not set them), and rounded to integers so totals do not depend on how the work
+    was chunked."""
     hist = np.asarray(img.histogram(), np.int64).reshape(-1, 256)
     v = np.arange(256, dtype=np.int64)
-    return (hist @ v).tolist(), (hist @ (v * v)).tolist(), int(hist[0].sum())
+    pixels = int(hist[0].sum())
+
+    def scaled(totals) -> list[int]:
+        return [(int(t) * MOMENT_PIXELS + pixels // 2) // pixels for t in totals]
+
+    return scaled(hist @ v), scaled(hist @ (v * v)), MOMENT_PIXELS
 
 
 class Stats:
-    """Exact pixel moments of the decoded images (gray and colour apart), image sizes, and how
-    many images have colour (from every image's header)."""
+    """Pixel moments of the decoded images (`image_moments`: each image weighs the same; gray
+    and colour apart), image sizes, and how many images have colour (from every image's header)."""
 
     def __init__(self, d: dict | None = None):
         d = d or {}
@@ -473,10 +484,45 @@ def image_ext(sample: dict) -> str | None:
 
 
 def image_bytes(sample: dict) -> bytes:
+    """The sample's image file, its size checked against `max_pixels()` from its header."""
     ext = image_ext(sample)
     if ext is None:
         raise UserError(f"{sample.get('__url__')}: sample {sample.get('__key__')} has no image (png/jpg/webp)")
+    check_pixels(sample[ext])
     return sample[ext]
+
+
+# ---------------------------------------------------------------- the decompression-bomb guard
+
+MAX_PIXELS = 100_000_000  # a 10000 x 10000 image; a 600-byte JPEG can claim 60000 x 60000 (3.6 GB decoded)
+# sslctl checks every image's header against its own limit before decoding; PIL's (which warns
+# at 89 Mpx and refuses at 179 Mpx) is off, so that limit is the one that counts.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def max_pixels() -> int:
+    """The readers' limit: SSLCTL_MAX_PIXELS (a whole number of pixels), else MAX_PIXELS."""
+    text = os.environ.get("SSLCTL_MAX_PIXELS")
+    if text is None:
+        return MAX_PIXELS
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise UserError(f"SSLCTL_MAX_PIXELS={text!r}: expected a whole number of pixels, like 200000000") from None
+
+
+def check_pixels(data: bytes, limit: int | None = None, hint: str = "set SSLCTL_MAX_PIXELS to raise it") -> None:
+    """ImageTooLarge when the image file's header claims more than `limit` pixels. PIL reads
+    only the header here (tens of microseconds), no pixel is decoded."""
+    limit = max_pixels() if limit is None else limit
+    width, height = Image.open(io.BytesIO(data)).size
+    if width * height > limit:
+        raise ImageTooLarge(f"{width} x {height} = {width * height:,} pixels, over the limit of {limit:,} "
+                            f"(a decompression-bomb guard; {hint})")
 
 
 def label_of(sample: dict) -> int:

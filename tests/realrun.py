@@ -28,15 +28,15 @@ from torchvision.models.resnet import BasicBlock
 from sslctl.augment import build_views, normalization
 from sslctl.data import iter_shard, load_manifest, split_shards
 from sslctl.encoder_io import load_encoder
-from sslctl.encoders import CUSTOM
 
 
 class TinyResNet(torchvision.models.ResNet):
     """torchvision's ResNet with one BasicBlock per stage at widths 16-32-64-128 (ResNet-18: two
     per stage at 64-512) and the small stem (3x3 stride-1 conv, no max-pool): 0.44M parameters,
-    ~1/19 of ResNet-18's step time at 28 px on one CPU thread. Registered as the custom encoder
-    `tiny_resnet`, so a recipe selects it with `encoder.name=tiny_resnet` and its
-    encoder.safetensors loads back (`load_encoder`) like any custom net's."""
+    ~1/19 of ResNet-18's step time at 28 px on one CPU thread. A recipe selects it by its import
+    path (`encoder.name=tests.realrun:TinyResNet`, TINY_RESNET), in this process or in a CLI run
+    started from the repository root, and its encoder.safetensors loads back (`load_encoder`)
+    like any custom net's."""
 
     def __init__(self, width: int = 16, blocks: int = 1):
         super().__init__(BasicBlock, [blocks] * 4)
@@ -55,14 +55,14 @@ class TinyResNet(torchvision.models.ResNet):
                 nn.init.zeros_(m.bias)
 
 
-CUSTOM["tiny_resnet"] = f"{__name__}:TinyResNet"
+TINY_RESNET = f"{__name__}:TinyResNet"
 
 # What every learning check changes in a method's small recipe (the 2-core CPU's budget): the
 # tiny ResNet, batch 16 at the lr given for it (scaling none), one epoch's schedule (312 steps
 # of the 5,000 training images) without warmup, 28-px crops of scale 0.2-1 (8%-crops of a 28-px
 # image hold too little to learn from in a few hundred steps).
 CHEAP = [
-    "encoder.name=tiny_resnet",
+    f"encoder.name={TINY_RESNET}",
     "optim.batch_size=16",
     "optim.scaling=none",
     "schedule.epochs=1",

@@ -251,3 +251,30 @@ def test_batch_views_collate_batches_small_images_and_goes_per_image_above_the_l
         assert len(views) == len(expected) == 2
         for got, want in zip(views, expected):
             assert got.shape == (4, 3, 16, 16) and torch.equal(got, want), sizes
+
+
+def test_a_reader_skips_an_image_whose_header_claims_too_many_pixels(tmp_path, monkeypatch):
+    """A shard written by anyone may hold a decompression bomb: its header is checked before a
+    pixel is decoded, and the sample is skipped and named; SSLCTL_MAX_PIXELS moves the limit."""
+    import io
+
+    from PIL import Image
+
+    from sslctl.shardfmt import ShardWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    jpg = bytearray(buf.getvalue())
+    sof = jpg.index(b"\xff\xc0")
+    bomb = bytes(jpg[: sof + 5]) + (60000).to_bytes(2, "big") * 2 + bytes(jpg[sof + 9 :])
+    writer = ShardWriter(tmp_path / "x-000000.tar")
+    for key, data in (("a", bytes(jpg)), ("bomb", bomb), ("b", bytes(jpg))):
+        writer.add(key, "jpg", data, 0)
+    writer.close()
+    errors: list = []
+    assert [key for key, _, _ in iter_shard(tmp_path / "x-000000.tar", errors=errors)] == ["a", "b"]
+    assert len(errors) == 1 and errors[0][0].endswith("sample bomb")
+    assert "60000 x 60000 = 3,600,000,000 pixels, over the limit of 100,000,000" in errors[0][1]
+    monkeypatch.setenv("SSLCTL_MAX_PIXELS", "1000")
+    errors = []
+    assert list(iter_shard(tmp_path / "x-000000.tar", errors=errors)) == [] and len(errors) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import signal
@@ -179,9 +180,22 @@ def test_image_folder_skips_bad_files_and_roundtrips_the_rest(tmp_path, mini_idx
                                   else image.permute(1, 2, 0).numpy(), expected)
 
 
+def _jpeg_without_scan(jpg: bytes) -> bytes:
+    """A JPEG whose header parses and which ends with EOI, but holds no image data."""
+    return jpg[: jpg.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+def _jpeg_claiming(jpg: bytes, height: int, width: int) -> bytes:
+    """The same JPEG with its SOF header claiming another size (a decompression bomb's trick)."""
+    data = bytearray(jpg)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def test_pass_through_files_not_decoded_are_still_verified(tmp_path, mini_idx, monkeypatch):
-    """Beyond the stats sample, JPEG/PNG files are checked by structure (header + end marker);
-    anything doubtful gets a full decode, which decides."""
+    """Beyond the stats sample, every file kept as is is still decoded (a JPEG at 1/8 scale):
+    a header with no image data, a truncated PNG and a claimed 60000 x 60000 are skipped."""
     import sslctl.shard as shard_module
 
     monkeypatch.setattr(shard_module, "STATS_SAMPLE", 0)  # no file decoded for statistics
@@ -192,16 +206,46 @@ def test_pass_through_files_not_decoded_are_still_verified(tmp_path, mini_idx, m
     (src / "train" / "class_4" / "cut.png").write_bytes(png[:-30])  # no IEND: truncated
     jpg = next(src.rglob("*.jpg"))
     (src / "train" / "class_5" / "trailer.jpg").write_bytes(jpg.read_bytes() + b"camera trailer")  # valid
+    (src / "train" / "class_6" / "noscan.jpg").write_bytes(_jpeg_without_scan(jpg.read_bytes()))
+    (src / "test" / "class_7" / "bomb.jpg").write_bytes(_jpeg_claiming(jpg.read_bytes(), 60000, 60000))
     manifest = load_manifest(shard(src, tmp_path / "out", workers=1))
-    skipped = {Path(s["path"]).name for s in manifest["skipped"]}
-    assert skipped == {Path(rel).name for rel in bad} | {"cut.png"}
-    assert manifest["stats_images"] == 1  # only trailer.jpg needed (and got) a full decode
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {Path(rel).name for rel in bad} | {"cut.png", "noscan.jpg", "bomb.jpg"}
+    assert "60000 x 60000 = 3,600,000,000 pixels, over the limit of 100,000,000" in skipped["bomb.jpg"]
+    assert "--max-pixels" in skipped["bomb.jpg"]
+    assert manifest["stats_images"] == 1  # only trailer.jpg (not stored as is: trailing bytes) got a full decode
     stored = {hashlib.sha256(v[e]).hexdigest() for split in ("train", "test")
               for v in _all_stored(tmp_path / "out", split).values() for e in ("jpg", "png") if e in v}
     expected = {hashlib.sha256(p.read_bytes()).hexdigest() for p, _ in written.values()}
     expected.add(hashlib.sha256((src / "train" / "class_5" / "trailer.jpg").read_bytes()).hexdigest())
     assert stored == expected
     assert manifest["channels"] == 3  # from the headers
+
+
+def test_max_pixels_skips_large_images_and_names_the_flag(tmp_path, mini_idx):
+    src = tmp_path / "src"
+    _write_image_folder(src, mini_idx, per_class=1)
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(src / "train" / "class_0" / "large.png")
+    done = run_cli("shard", str(src), str(tmp_path / "out"), "--max-pixels", "50000")
+    assert done.returncode == 0, done.stderr
+    reasons = {Path(s["path"]).name: s["reason"] for s in load_manifest(tmp_path / "out")["skipped"]}
+    assert reasons == {"large.png": "300 x 200 = 60,000 pixels, over the limit of 50,000 (a decompression-bomb "
+                                    "guard; raise --max-pixels to keep it)"}
+    assert run_cli("shard", str(src), str(tmp_path / "all")).returncode == 0
+    assert load_manifest(tmp_path / "all")["skipped"] == []
+
+
+def test_each_image_weighs_the_same_in_the_mean_and_std(tmp_path):
+    """One 1200 x 1200 white image among forty 32 x 32 black ones: per pixel it would set the
+    mean to 0.99; per image it is 1/41."""
+    src = tmp_path / "src" / "train"
+    (src / "a").mkdir(parents=True)
+    for i in range(40):
+        Image.new("L", (32, 32), 0).save(src / "a" / f"{i}.png")
+    Image.new("L", (1200, 1200), 255).save(src / "a" / "large.png")
+    manifest = load_manifest(shard(tmp_path / "src", tmp_path / "out", workers=1))
+    assert manifest["mean"] == pytest.approx([1 / 41], abs=1e-6)
+    assert manifest["std"] == pytest.approx([math.sqrt(1 / 41 - 1 / 41**2)], abs=1e-6)
 
 
 def test_mean_std_of_files_come_from_the_first_images_in_shard_order(tmp_path, mini_idx, monkeypatch):

@@ -23,13 +23,13 @@ import math
 import pytest
 
 from sslctl.recipes import load_recipe
-from tests.realrun import learned, short_run  # realrun registers the custom encoder tiny_resnet
+from tests.realrun import TINY_RESNET, learned, short_run
 
 pytestmark = pytest.mark.slow
 
 
 COMMON = [
-    "encoder.name=tiny_resnet",
+    f"encoder.name={TINY_RESNET}",
     "optim.scaling=none",
     "schedule.warmup_epochs=0",
     "augment.crop_size=20",

@@ -17,6 +17,7 @@ def command(
     seed: int = typer.Option(0, "--seed", callback=at_least(0), help="Seed of the sample order (same input + flags = identical bytes)."),
     max_side: int | None = typer.Option(None, "--max-side", callback=at_least(1), help="Downscale images whose longer side exceeds this (re-encodes)."),
     format: str = typer.Option("keep", "--format", help="keep (original bytes; raw arrays -> png), png, jpg or webp."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", callback=at_least(1), help="Skip images whose header claims more pixels (a decompression-bomb guard) [default: 100000000, or SSLCTL_MAX_PIXELS]."),
     workers: int | None = typer.Option(None, "--workers", callback=at_least(1), help="Processes for reading, verifying and encoding [default: all cores]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings still show)."),
 ) -> None:
@@ -29,8 +30,9 @@ def command(
     elsewhere is refused, naming them: --source folder keeps the labels and leaves those out,
     --source images reads every image without labels.
 
-    JPEG/PNG/WebP files keep their original bytes; raw arrays become lossless PNG. Corrupt
-    files are skipped, listed in the manifest and counted. Rerunning after an interruption
+    JPEG/PNG/WebP files keep their original bytes; raw arrays become lossless PNG. Every image
+    is decoded once to verify it; corrupt files and images over --max-pixels are skipped,
+    listed in the manifest and counted. Rerunning after an interruption
     keeps the finished shards (verified by sha256).
 
     Example:
@@ -40,8 +42,9 @@ def command(
     """
     from sslctl import console
     from sslctl.shard import Options, parse_size, shard
+    from sslctl.shardfmt import max_pixels as default_max_pixels
 
     console.set_quiet(quiet)
     options = Options(max_count=max_count, max_size=parse_size(max_size), val_fraction=val_fraction, seed=seed,
-                      max_side=max_side, format=format)
+                      max_side=max_side, format=format, max_pixels=max_pixels or default_max_pixels())
     print(shard(src, out, source=source, options=options, workers=workers))
