@@ -22,6 +22,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# The processes the tests start (CLI runs, torchrun's ranks) import the tests' own encoder
+# (`tests.realrun:TinyResNet`) from the repository, wherever pytest was started.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 SHARED_FMNIST = Path(os.environ.get("SSLCTL_SHARED", REPO.parent / "shared")) / "datasets" / "fashion-mnist"
 
 
