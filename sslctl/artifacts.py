@@ -43,6 +43,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files `atomic_path` leaves in `directory` when its process is killed
+    mid-write (.NAME.XXXXXXXX.tmp: a checkpoint's is as large as the checkpoint). Only for a
+    directory this process alone writes to (a run directory under its lock)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)

@@ -9,6 +9,7 @@ saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import tomllib
 from pathlib import Path
@@ -91,9 +92,22 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def _refused_object(err: Exception) -> str:
+    """What torch's weights_only unpickler refused, without its advice to turn the check off."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = [line for line in lines if "weights_only" not in line and not line.startswith(("Weights only load failed", "Check the"))]
+    return detail[0] if detail else type(err).__name__
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's text would suggest weights_only=False: never
+        raise UserError(
+            f"{path}: not an sslctl checkpoint: it holds Python objects other than tensors and plain values "
+            f"({_refused_object(err)}), and loading those "
+            "could run code, which sslctl never does; delete it to start over, or pass --resume never with a new --out"
+        ) from None
     except Exception as err:  # a truncated or foreign file: the user can delete it or pick another run
         raise UserError(
             f"{path}: cannot read the checkpoint ({type(err).__name__}: {err}); "

@@ -41,7 +41,7 @@ import torch
 from sslctl import checkpoint as ckpt
 from sslctl import console
 from sslctl import distributed as dist
-from sslctl.artifacts import atomic_write_text
+from sslctl.artifacts import atomic_write_text, remove_stale_temps
 from sslctl.data import ShardLoader
 from sslctl.devices import CHANNELS_LAST, default_amp, enable_fast_kernels, resolve_device
 from sslctl.encoder_io import save_encoder
@@ -198,6 +198,9 @@ class Engine:
 
     def run(self) -> Path:
         lock = hold_run_dir(self.out) if self.main else None  # one writer per run directory
+        if self.main:  # what a killed writer left half-written
+            for directory in (self.out, self.out / "checkpoints"):
+                remove_stale_temps(directory)
         try:
             return self._run()
         finally:
