@@ -19,6 +19,7 @@ from typing import Sequence
 
 from sslctl import console
 from sslctl.errors import SslctlError, UserError
+from sslctl.lifetime import end_with_parent
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what the agent forwards to its children
 SHUTDOWN_TIMEOUT = 120  # seconds the children get to checkpoint after a signal
@@ -92,6 +93,8 @@ def launch(
     stdin; it replaces the command's '-' argument (or is appended when the path was omitted),
     since the children cannot read the parent's stdin."""
     if under_launcher():
+        if "SSLCTL_LAUNCHED" in os.environ:  # a rank of `--nproc`: stop (checkpoint, exit) if the launcher dies
+            end_with_parent(signal.SIGTERM)
         if (nproc > 1 or nnodes not in ("1", "1:1")) and "SSLCTL_LAUNCHED" not in os.environ:
             console.warn("--nproc/--nnodes are ignored inside torchrun: its own flags set the processes")
         return False

@@ -26,8 +26,6 @@ import json
 import os
 import random
 import re
-import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from sslctl import console
 from sslctl.artifacts import atomic_write_json, provenance, sha256_file
 from sslctl.errors import UserError
+from sslctl.lifetime import end_with_parent
 from sslctl.shardfmt import (FORMAT, MANIFEST, MAX_PIXELS, SHARD_NAME, VERSION, ImageTooLarge, ShardWriter, Stats,
                              check_pixels, image_moments, shard_name, tar_members, write_manifest)
 from sslctl.sources import Item, Source, open_source, standard_mode
@@ -158,21 +157,12 @@ def _complete_header(data: bytes) -> tuple[str, tuple[int, int], int] | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """In a pool worker: end when the stage's process ends, however it ends (a kill -9 too),
-    instead of running on for a minute (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _ordered_map(fn, tasks: list, workers: int):
     """fn over tasks in order, `workers` processes, a bounded number of tasks in flight."""
     if workers <= 1:
         yield from map(fn, tasks)
         return
-    with ProcessPoolExecutor(workers, initializer=_die_with_parent) as pool:
+    with ProcessPoolExecutor(workers, initializer=end_with_parent) as pool:
         pending = collections.deque()
         for task in tasks:
             pending.append(pool.submit(fn, task))

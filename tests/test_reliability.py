@@ -4,19 +4,26 @@ code is refused in words that never suggest loading it anyway, and no worker out
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from sslctl import checkpoint as ckpt
 from sslctl.errors import UserError
 from sslctl.paths import EMBEDDED_DATASET
+from tests.conftest import run_bounded
 from tests.realrun import TINY_RESNET
 
 TINY = [f"encoder.name={TINY_RESNET}", "augment.crop_size=16", "optim.batch_size=16", "method.queue_size=64",
@@ -90,3 +97,138 @@ def test_shard_pool_workers_end_with_a_killed_shard(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ fault injection, many times in a row
+
+EXACT = ("step", "epoch", "loss", "lr", "z_std")  # what a resumed run must reproduce (not timings)
+STEPS = 30  # 5 epochs of 6 steps of 16 (tiny_shards' 96 images)
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _pretrain_cmd(shards: Path, out: Path, nproc: int) -> list[str]:
+    overrides = [x for o in TINY for x in ("--set", o)]
+    return [sys.executable, "-m", "sslctl", "pretrain", str(shards), "--recipe", "moco_v2", "--out", str(out),
+            "--max-steps", str(STEPS), "--log-every", "1", "--checkpoint-every", "3", "--seed", "3", "--workers", "1",
+            *overrides, *(["--nproc", str(nproc)] if nproc > 1 else [])]
+
+
+def _rows(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in EXACT} for line in lines if '"loss"' in line]
+
+
+def _wait_for_the_lock(run: Path, timeout: float = 60) -> None:
+    """Until no process holds RUN/.lock: a killed launcher's ranks end on their own (they get
+    SIGTERM when it dies, checkpoint and exit)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(run / ".lock", "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{run}: still locked {timeout:.0f} s after the kill"
+                time.sleep(0.05)
+
+
+def _check_artifacts(run: Path) -> int:
+    """After any kill: the checkpoint and the encoder (if any) load, every finished metrics
+    line parses; the step a rerun resumes from."""
+    from sslctl.encoder_io import load_encoder
+
+    if (run / ".lock").exists():
+        _wait_for_the_lock(run)
+    step = ckpt.load(run / "checkpoints" / "last.pt")["step"] if (run / "checkpoints" / "last.pt").exists() else 0
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().split("\n")[:-1]:  # a torn last line has no newline yet
+            json.loads(line)
+    if (run / "encoder.safetensors").exists():  # written at each epoch's end
+        load_encoder(run / "encoder.safetensors")
+    return step
+
+
+def _signal_at(cmd: list, progress: re.Pattern, target: int, sig: int, rng) -> int:
+    """Start `cmd` in its own process group; once its stderr reports `progress` at `target`
+    (and a random few milliseconds more: between steps, inside one, or inside a save), signal
+    the whole group, as a batch system signals a job. Its exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **ENV})
+    reached = threading.Event()
+
+    def watch() -> None:
+        for line in proc.stderr:
+            if (m := progress.search(line)) and int(m[1]) >= target:
+                reached.set()
+        reached.set()  # ended before it got there
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert reached.wait(timeout=120), f"no progress to {target} within 120 s"
+        time.sleep(rng.uniform(0, 0.05))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, kills", [(1, 4), (2, 2)])
+def test_pretrain_killed_at_random_points_again_and_again_ends_as_an_uninterrupted_run(tiny_shards, tmp_path, nproc, kills):
+    """kill -9 and SIGTERM at random steps, `kills` times in a row (2 gloo ranks as well): after
+    every kill the artifacts are whole, and the run finished at last has the losses and the
+    encoder of a run that was never interrupted."""
+    shards = tiny_shards()
+    reference = run_bounded(_pretrain_cmd(shards, tmp_path / "reference", nproc), env={**os.environ, **ENV})
+    assert reference.returncode == 0, reference.stderr
+    rng = random.Random(nproc)
+    run, resume_at = tmp_path / "run", 0
+    for _ in range(kills):
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        code = _signal_at(_pretrain_cmd(shards, run, nproc), re.compile(r" step (\d+)/"), rng.randint(resume_at + 1, resume_at + 5),
+                          sig, rng)
+        assert code in (-sig, 128 + sig) or (nproc > 1 and code == 1), code  # torchrun: 1 when its ranks were killed
+        resume_at = _check_artifacts(run)
+    assert resume_at < STEPS
+    finished = run_bounded(_pretrain_cmd(shards, run, nproc), env={**os.environ, **ENV})
+    assert finished.returncode == 0, finished.stderr
+    assert _rows(run) == _rows(tmp_path / "reference")
+    a, b = load_file(str(tmp_path / "reference" / "encoder.safetensors")), load_file(str(run / "encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_embed_killed_at_random_points_again_and_again_ends_with_the_bytes_of_an_uninterrupted_one(tmp_path):
+    from sslctl.artifacts import sha256_file
+    from tests.evalkit import CHEAP_ENCODER, make_shards
+
+    shards = make_shards(tmp_path / "shards", max_count=25)  # 300 images in 12 shards
+    out = tmp_path / "f.safetensors"
+    cmd = [sys.executable, "-m", "sslctl", "embed", *CHEAP_ENCODER, str(shards), "--out", str(out), "--batch-size", "5"]
+    first = run_bounded(cmd, env={**os.environ, **ENV})
+    assert first.returncode == 0, first.stderr
+    uninterrupted = sha256_file(out)
+    out.unlink()
+    rng, parts, done = random.Random(0), tmp_path / "f.safetensors.parts", 0
+    for _ in range(3):
+        target = rng.randint(done + 1, done + 3)  # parts written by this run, counted from the directory
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **ENV})
+        deadline = time.monotonic() + 120
+        while len(list(parts.glob("*.safetensors"))) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, rng.choice([signal.SIGKILL, signal.SIGTERM]))
+        assert proc.wait(timeout=60) != 0, "the embed finished before it was killed"
+        assert not out.exists()  # never a half-written features file
+        done = len(list(parts.glob("*.safetensors")))
+    finished = run_bounded(cmd, env={**os.environ, **ENV})
+    assert finished.returncode == 0, finished.stderr
+    assert sha256_file(out) == uninterrupted
