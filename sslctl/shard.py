@@ -10,8 +10,7 @@ output does not depend on --workers. Fixed tar metadata (mtime 0, uid/gid 0, mod
 seeded sample order make the shards byte-identical for the same input and flags.
 
 Verification: every image file is decoded before it enters a shard, and what fails to decode
-is skipped. A JPEG that is kept as is decodes at 1/8 scale (libjpeg's DCT scaling: all of its
-entropy-coded data, a fraction of the pixel work). An image over --max-pixels (a decompression
+is skipped (a file stored as is: `_verify`, the cheapest whole decode). An image over --max-pixels (a decompression
 bomb: a 600-byte JPEG can claim 60000 x 60000) is skipped from its header, before any pixel is
 made. Mean/std weigh every image the same (`image_moments`) and come from raw arrays and a
 seeded random sample of STATS_SAMPLE image files per split.
@@ -39,7 +38,7 @@ from sslctl.artifacts import atomic_write_json, provenance, sha256_file
 from sslctl.errors import UserError
 from sslctl.lifetime import end_with_parent
 from sslctl.shardfmt import (FORMAT, MANIFEST, MAX_PIXELS, SHARD_NAME, VERSION, ImageTooLarge, ShardWriter, Stats,
-                             check_pixels, image_moments, shard_name, tar_members, write_manifest)
+                             check_pixels, check_size, image_moments, shard_name, tar_members, write_manifest)
 from sslctl.sources import Item, Source, open_source, standard_mode
 
 STATE = ".sslctl-shard-state.json"
@@ -104,22 +103,23 @@ def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str, max_pixe
         if not data:
             return ("skip", "empty file (0 bytes)")
         header = _complete_header(data)
+        hint = "raise --max-pixels to keep it"
         try:
-            check_pixels(data, max_pixels, hint="raise --max-pixels to keep it")
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            original = img.format
             if header and not decode and fmt in ("keep", header[0]) and (not max_side or max(header[1]) <= max_side):
-                if header[0] == "jpg":
-                    img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()  # verified: stored as is
-                return ("ok", header[0], data, header[1], header[2], None)
+                (height, width), ext = header[1], header[0]
+                check_size(width, height, max_pixels, hint)
+                _verify(data, ext)
+                return ("ok", ext, data, header[1], header[2], None)  # stored as is
+            check_pixels(data, max_pixels, hint)
+            img = Image.open(io.BytesIO(data))
+            original = img.format
             img.load()
         except UnidentifiedImageError:
             return ("skip", "not an image (unrecognised file format)")
         except ImageTooLarge as err:
             return ("skip", str(err))
         except (OSError, SyntaxError, ValueError, EOFError) as err:
-            return ("skip", f"corrupt or truncated image: {err}")
+            return ("skip", f"corrupt or truncated image: {str(err).splitlines()[0]}")
     img = standard_mode(img)
     resized = bool(max_side and max(img.size) > max_side)
     if resized:
@@ -132,6 +132,17 @@ def _prepare_one(payload, decode: bool, max_side: int | None, fmt: str, max_pixe
         img.save(buf, name, **kwargs)
         data = buf.getvalue()
     return ("ok", ext, data, (img.height, img.width), len(img.getbands()), image_moments(img))
+
+
+def _verify(data: bytes, ext: str) -> None:
+    """Decode all of a file that is stored as is, raising when it does not decode; a JPEG at 1/8
+    scale (libjpeg's DCT scaling: all of its entropy-coded data, a fraction of the pixel work
+    for large images). PIL, not torchvision's faster decoders: importing torchvision would cost
+    the stage more than it saves below ~100k images."""
+    img = Image.open(io.BytesIO(data))
+    if ext == "jpg":
+        img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+    img.load()
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

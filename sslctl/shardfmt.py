@@ -518,8 +518,11 @@ def max_pixels() -> int:
 def check_pixels(data: bytes, limit: int | None = None, hint: str = "set SSLCTL_MAX_PIXELS to raise it") -> None:
     """ImageTooLarge when the image file's header claims more than `limit` pixels. PIL reads
     only the header here (tens of microseconds), no pixel is decoded."""
+    check_size(*Image.open(io.BytesIO(data)).size, limit, hint)
+
+
+def check_size(width: int, height: int, limit: int | None = None, hint: str = "set SSLCTL_MAX_PIXELS to raise it") -> None:
     limit = max_pixels() if limit is None else limit
-    width, height = Image.open(io.BytesIO(data)).size
     if width * height > limit:
         raise ImageTooLarge(f"{width} x {height} = {width * height:,} pixels, over the limit of {limit:,} "
                             f"(a decompression-bomb guard; {hint})")
