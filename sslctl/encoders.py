@@ -169,7 +169,7 @@ def custom_factory(name: str):
 
 def build_backbone(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
     """The encoder by name: any torchvision classification model, a timm model ("timm:NAME"),
-    or a registered custom net.
+    a registered custom net, or one by its import path ("package.module:factory").
 
     The returned module has `feature_dim` (D of its pooled output), `arch` (its name) and
     `options` (the constructor options, saved with the encoder)."""

@@ -95,7 +95,7 @@ def launch(
     if under_launcher():
         if "SSLCTL_LAUNCHED" in os.environ:  # a rank of `--nproc`: stop (checkpoint, exit) if the launcher dies
             end_with_parent(signal.SIGTERM)
-        if (nproc > 1 or nnodes not in ("1", "1:1")) and "SSLCTL_LAUNCHED" not in os.environ:
+        elif nproc > 1 or nnodes not in ("1", "1:1"):
             console.warn("--nproc/--nnodes are ignored inside torchrun: its own flags set the processes")
         return False
     if nproc == 1 and nnodes in ("1", "1:1"):
