@@ -1,7 +1,9 @@
-"""`sslctl pretrain --compile` (slow: two short real runs and the compilation of ResNet-18's
-forward and backward). Engine._wrap compiles each child of the Method in place
-(nn.Module.compile), so a compiled run must compute the same training steps as an eager one and
-write the same artifacts.
+"""`sslctl pretrain --compile` (slow: two short real runs and the compilation of a ResNet's forward
+and backward: the tests' TinyResNet, torchvision's ResNet class with its BasicBlocks, downsample
+shortcuts and BN at a quarter of ResNet-18's width and half its depth, so the same kinds of
+modules are compiled at a fraction of the cost). Engine._wrap compiles each child of the Method
+in place (nn.Module.compile), so a compiled run must compute the same training steps as an eager
+one and write the same artifacts.
 
 What compiling could silently break, and what catches it here:
 - the arithmetic (a dropped in-place update of BN statistics or of the key encoder's parameters,
@@ -15,12 +17,13 @@ What compiling could silently break, and what catches it here:
 
 Two backends. `aot_eager` (always run): Dynamo's capture, its guards and AOTAutograd's
 functionalised forward and backward (where in-place updates of buffers and parameters are kept or
-lost), the same for every backend; 54 CPU-s. `inductor` (`--compile`'s backend) adds code
-generation, which is PyTorch's to get right, and costs far more on a fresh machine: cold, 505
-CPU-s (6.5 minutes) alone on this session's 2-core Intel Xeon, ~250 of them Inductor's Python
-lowering and ~230 g++ building 59 kernels, and in the whole suite its two g++ processes slowed the
-other test worker too (2026-11-26; 28 s with Inductor's cache warm). So it runs only with
-SSLCTL_TEST_INDUCTOR=1 (passed on that machine that day) and otherwise shows as skipped.
+lost), the same for every backend; 22 CPU-s on TinyResNet (44 on ResNet-18). `inductor`
+(`--compile`'s backend) adds code generation, which is PyTorch's to get right, and costs far more on
+a fresh machine: cold, for ResNet-18, 505 CPU-s (6.5 minutes) alone on this session's 2-core Intel
+Xeon, ~250 of them Inductor's Python lowering and ~230 g++ building 59 kernels, and in the whole
+suite its two g++ processes slowed the other test worker too (2026-11-26; 28 s with Inductor's cache
+warm). So it runs only with SSLCTL_TEST_INDUCTOR=1 (passed on that machine that day) and otherwise
+shows as skipped.
 
 MoCo v2 covers the most: a momentum key encoder (a child whose parameters are updated outside
 the compiled graph), split BN, a queue. fp32 (bf16 and channels_last off), so that the only
@@ -40,14 +43,15 @@ from sslctl.encoder_io import load_encoder
 from sslctl.methods import build_method
 from sslctl.recipes import load_recipe
 from sslctl.train import pretrain
-from tests.realrun import metrics
+from tests.realrun import TINY_RESNET, metrics
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-OVERRIDES = ["optim.batch_size=16", "method.queue_size=64", "augment.crop_size=28"]
-# Tolerances, from measurements here (torch 2.14, gcc 12, one thread, 4 steps). A compiled run
-# differs from eager only as much as eager differs from itself under another summation order:
+OVERRIDES = [f"encoder.name={TINY_RESNET}", "optim.batch_size=16", "method.queue_size=64", "augment.crop_size=28"]
+# Tolerances, from measurements here on ResNet-18 (torch 2.14, gcc 12, one thread, 4 steps). A
+# compiled run differs from eager only as much as eager differs from itself under another
+# summation order (on TinyResNet aot_eager equals eager exactly; one step fewer: 1.6e-1):
 #                                  per-step loss   encoder features' change (see below)
 #   eager, 2 threads instead of 1      5.8e-6            2.2e-4
 #   eager, channels_last               2.9e-5            3.5e-4
@@ -71,7 +75,7 @@ def compile_unavailable() -> str | None:
 
 INDUCTOR = pytest.mark.skipif(
     os.environ.get("SSLCTL_TEST_INDUCTOR") != "1",
-    reason="Inductor's cold compile of ResNet-18 costs ~8 CPU-minutes on a 2-core CPU: SSLCTL_TEST_INDUCTOR=1 runs it",
+    reason="Inductor's cold compile costs minutes of CPU on a 2-core CPU (ResNet-18: ~8): SSLCTL_TEST_INDUCTOR=1 runs it",
 )
 
 
@@ -102,7 +106,7 @@ def test_compiled_run_matches_eager_and_exports_the_same_encoder(backend, mini_s
 
     eager, _ = load_encoder(runs["eager"] / "encoder.safetensors")
     compiled, meta = load_encoder(runs["compiled"] / "encoder.safetensors")  # strict=True inside
-    assert meta["arch"] == "resnet18" and meta["small_stem"]
+    assert meta["arch"] == TINY_RESNET and meta["small_stem"]
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for name, count in eager.state_dict().items():  # every BN statistics update happened
         if name.endswith("num_batches_tracked"):

@@ -3,8 +3,9 @@
 Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
 semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
 `sslctl ... --nproc 2` subprocesses (torch.distributed.run) for the launcher, the distributed
-embed and the SIGTERM -> checkpoint -> resume path. Models are tiny (ResNet-18 small stem at 8 to
-16 px, 4 images per rank) so each test takes seconds.
+embed and the SIGTERM -> checkpoint -> resume path. Models are tiny (tests.realrun.TinyResNet,
+ResNet-18's layout at a quarter of its width and half its depth, at 8 to 16 px, 4 images per
+rank) so each test takes seconds; none of them is about the network.
 
 How BN is made comparable between 2 ranks x B images and 1 rank x 2B images:
 - SimCLR, BYOL, SwAV, SimSiam, Barlow Twins, VICReg: `method.sync_bn = true`, the recipes' setting. Under gloo it is
@@ -39,13 +40,14 @@ from torch import nn
 from sslctl import distributed as dist
 from sslctl.errors import UserError
 from tests.conftest import run_bounded
+from tests.realrun import TINY_RESNET
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 B = 4  # images per rank; the global batch is 2B
 STEPS = 3
 # [recipe overrides] that keep one step to milliseconds; warmup 0 so the first step moves the weights
-TINY = ["augment.crop_size=8", "optim.batch_size=8", "schedule.warmup_epochs=0"]
+TINY = [f"encoder.name={TINY_RESNET}", "augment.crop_size=8", "optim.batch_size=8", "schedule.warmup_epochs=0"]
 METHODS = {
     "moco_v2": ["method.queue_size=32"],
     "adco": ["method.bank_size=32", "method.ad_init=false"],  # ad_init on 2 ranks: test_methods_founding.py
@@ -57,7 +59,9 @@ METHODS = {
     "dino": ["head.prototypes=64", "head.projector_hidden=[64]", "head.projector_dim=16", "augment.extra_crops=2",
              "augment.extra_crop_size=4", "method.clip_grad=3.0", "method.freeze_last_layer_epochs=0"],
     # MoCo v3: keys gathered, SyncBN (the recipe's). SGD: with the small variant's LARS (eta 0.02, lr clipping)
-    # the updates' float noise grows to 4% in 3 steps (0.01% after one step; 0.4% with SGD after 3)
+    # the updates' float noise grows to 4% in 3 steps (0.01% after one step; 0.4% with SGD after 3). Measured
+    # 2026-12-02 with SGD, largest tensor's error after 1 / 2 / 3 steps: ResNet-18 at 8 px 0.02% / 0.7% / 3.7%
+    # (over UPDATE_TOLERANCE, many BN tensors; 0.15% after 3 at 16 px), TinyResNet at 8 px 0.01% after 3
     "mocov3": ["head.projector_hidden=[64]", "head.predictor_hidden=[64]", "optim.name=sgd", "optim.lr=0.3"],
     # the recipes' sync_bn = true; Barlow Twins all-reduces its standardisation and C, VICReg
     # gathers the embeddings: without either the test fails (measured: docs/methods.md)
@@ -192,7 +196,11 @@ def two_ranks(shards, tmp_path_factory) -> list[dict]:
 
     out = tmp_path_factory.mktemp("two-ranks")
     mp.spawn(_rank_main, args=(_free_port(), str(shards), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results = []
+    for r in range(2):
+        results.append(torch.load(out / f"rank{r}.pt", weights_only=False))
+        (out / f"rank{r}.pt").unlink()  # kept in memory; the module's tmp space is not
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -360,9 +368,9 @@ def test_embed_on_2_processes_writes_the_same_file_as_one(shards, tmp_path):
 
     from sslctl.embed import embed
 
-    args = ["resnet18", str(shards), "--weights", "random", "--small-stem", "--input-size", "16", "--workers", "0",
+    args = [TINY_RESNET, str(shards), "--weights", "random", "--input-size", "16", "--workers", "0",
             "--device", "cpu", "--no-bf16"]
-    one = embed("resnet18", shards, weights="random", small_stem=True, input_size=16, workers=0, device="cpu",
+    one = embed(TINY_RESNET, shards, weights="random", input_size=16, workers=0, device="cpu",
                 bf16=False, out=tmp_path / "one.safetensors")
     done = _run(_cli("embed", *args, "--out", str(tmp_path / "two.safetensors"), nproc=2))
     assert done.returncode == 0, done.stderr
@@ -379,7 +387,7 @@ def test_embed_on_2_processes_writes_the_same_file_as_one(shards, tmp_path):
 
 def test_a_user_error_in_the_processes_exits_2_with_the_message(shards, tmp_path):
     done = _run(_cli("pretrain", str(shards), "--recipe", "simclr", "--out", str(tmp_path / "run"), "--device", "cpu",
-                     "--batch-size", "9", "--set", "augment.crop_size=8", nproc=2))
+                     "--batch-size", "9", "--set", "augment.crop_size=8", "--set", f"encoder.name={TINY_RESNET}", nproc=2))
     assert done.returncode == 2, done.stderr
     assert "not divisible by the 2 processes" in done.stderr
 
@@ -387,7 +395,8 @@ def test_a_user_error_in_the_processes_exits_2_with_the_message(shards, tmp_path
 # ------------------------------------------------------------------------------ SLURM scripts
 
 SLURM = REPO / "shell" / "slurm"
-RUN_TINY = ["--device", "cpu", "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.queue_size=64",
+RUN_TINY = ["--device", "cpu", "--batch-size", "16", "--set", f"encoder.name={TINY_RESNET}", "--set", "augment.crop_size=16",
+            "--set", "method.queue_size=64",
             "--log-every", "1", "--seed", "3", "--workers", "0", "--no-bf16", "--max-steps", "10"]  # crosses epoch 1's end (6 steps)
 
 

@@ -152,17 +152,18 @@ def test_missing_inputs_on_stdin_and_arguments(tmp_path, shards, monkeypatch, ca
 
 @pytest.mark.slow
 def test_pipeline_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
-    """shell/pipeline.sh on a 400 + 200 image subset, a 12-step MoCo v2 run; then a rerun after
-    losing one artifact redoes that step only."""
+    """shell/pipeline.sh on a 400 + 200 image subset, a 12-step MoCo v2 run of the tests' TinyResNet
+    (PRETRAIN_ARGS); then a rerun after losing one artifact redoes that step only."""
     from pathlib import Path
 
     from tests.evalkit import idx_subset
+    from tests.realrun import TINY_RESNET  # the tiny ResNet: the script is the subject, not the network
 
     script = Path(__file__).resolve().parents[1] / "shell" / "pipeline.sh"
     images, work = idx_subset(tmp_path / "idx", 400, 200), tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SSLCTL": f"{sys.executable} -m sslctl", "EMBED_ARGS": "--workers 0",
            "PRETRAIN_ARGS": "--epochs 1 --batch-size 32 --set augment.crop_size=16 --set method.queue_size=64 "
-                            "--set method.bn_splits=2 --workers 0"}
+                            f"--set method.bn_splits=2 --set encoder.name={TINY_RESNET} --workers 0"}
     first = run_bounded(["bash", str(script), str(images), str(work)], env=env)
     assert first.returncode == 0, first.stderr
     table = first.stdout.splitlines()

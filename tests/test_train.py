@@ -1,8 +1,9 @@
 """The training engine (sslctl/train.py, sslctl/checkpoint.py) and `sslctl pretrain`.
 
 Real shards made by `sslctl shard` from the embedded Fashion-MNIST subset, real methods, real
-subprocesses killed with real signals. The model is kept tiny (ResNet-18 small stem at 16 px,
-batch 16, small queues) so every run takes seconds on a 2-core CPU.
+subprocesses killed with real signals. The model is kept tiny (tests.realrun.TinyResNet at 16 px,
+batch 16, small queues) so every run takes seconds on a 2-core CPU; the one test of the encoder
+export into torchvision's resnet18 trains ResNet-18 (small stem).
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ import torch
 
 from sslctl import checkpoint as ckpt
 from tests.conftest import run_bounded, run_cli
+from tests.realrun import TINY_RESNET
 
-TINY = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
+RESNET18 = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
     "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.queue_size=64",
     "--set", "method.bn_splits=2", "--log-every", "1", "--seed", "3",
 ]
+# ... on the tests' tiny ResNet (0.44M parameters: a step ~1/19 of ResNet-18's, a checkpoint
+# ~2 MB instead of ~45 MB), for every test that is not about the network
+TINY_NET = ["--set", f"encoder.name={TINY_RESNET}"]
+TINY = [*RESNET18, *TINY_NET]
+TINY_CFG = [f"encoder.name={TINY_RESNET}"]  # the same, as recipe overrides
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # Keys of a metrics line that must be identical between a resumed and an uninterrupted run
@@ -147,7 +154,7 @@ def test_sigterm_during_adco_ad_init_exits_143_at_the_next_batch(mini_shards, tm
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "sslctl", "pretrain", str(mini_shards), "--recipe", "adco", "--out", str(out),
            "--batch-size", "16", "--set", "augment.crop_size=16", "--set", "method.bank_size=4096",
-           "--set", "method.bn_splits=2", "--workers", "0", "--device", "cpu"]
+           "--set", "method.bn_splits=2", *TINY_NET, "--workers", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
     seen = []
     for line in proc.stderr:  # logged once the signal handlers are in place
@@ -199,7 +206,7 @@ def test_resume_is_exact_for_each_method(shards, tmp_path, recipe, extra):
     from sslctl.recipes import load_recipe
     from sslctl.train import pretrain
 
-    overrides = ["augment.crop_size=16", "optim.batch_size=16", *extra]
+    overrides = [*TINY_CFG, "augment.crop_size=16", "optim.batch_size=16", *extra]
     if recipe == "moco_v2":
         overrides += ["method.queue_size=64", "method.bn_splits=2"]
     cfg = load_recipe(recipe, variant="small", overrides=overrides)
@@ -225,7 +232,7 @@ def test_batched_views_resume_exactly(shards, tmp_path, views="batch"):
     from sslctl.recipes import load_recipe
     from sslctl.train import pretrain
 
-    cfg = load_recipe("moco_v2", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16",
+    cfg = load_recipe("moco_v2", variant="small", overrides=[*TINY_CFG, "augment.crop_size=16", "optim.batch_size=16",
                                                               "method.queue_size=64", "method.bn_splits=2"])
     kw = {"workers": 2, "log_every": 1, "seed": 1, "device": "cpu"}  # bitwise resume is a CPU promise
     pretrain(shards, cfg, tmp_path / "a", max_steps=9, views=views, **kw)
@@ -259,7 +266,7 @@ def test_auto_views_are_batched_for_one_small_size_and_per_image_otherwise(shard
     from sslctl.recipes import load_recipe
     from sslctl.train import pretrain
 
-    cfg = load_recipe("moco_v2", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16",
+    cfg = load_recipe("moco_v2", variant="small", overrides=[*TINY_CFG, "augment.crop_size=16", "optim.batch_size=16",
                                                               "method.queue_size=64", "method.bn_splits=2"])
     kw = {"workers": 1, "log_every": 1, "seed": 1, "device": "cpu", "max_steps": 3}
     mixed = _mixed_image_shards(tmp_path)
@@ -396,7 +403,7 @@ def test_a_warm_up_as_long_as_the_run_is_named_with_its_fix_and_the_workers_say_
     """simclr's small variant warms up for 10 epochs: shortened to one, its lr never reaches the
     peak. The start line says so with the numbers and the --set that fixes it, and says how the
     loader workers were chosen."""
-    common = ["--recipe", "simclr", "--batch-size", "16", "--set", "augment.crop_size=16", "--epochs", "1",
+    common = ["--recipe", "simclr", "--batch-size", "16", "--set", "augment.crop_size=16", *TINY_NET, "--epochs", "1",
               "--max-steps", "1"]
     short = _run([sys.executable, "-m", "sslctl", "pretrain", str(shards), "--out", str(tmp_path / "a"), *common,
                   "--workers", "0"])
@@ -412,7 +419,7 @@ def test_a_warm_up_as_long_as_the_run_is_named_with_its_fix_and_the_workers_say_
 
 def test_outputs_stdout_stdin_encoder_and_monitor(shards, tmp_path):
     out = tmp_path / "run"
-    done = run_cli("pretrain", "-", "--recipe", "moco_v2", "--out", str(out), *TINY, "--epochs", "2",
+    done = run_cli("pretrain", "-", "--recipe", "moco_v2", "--out", str(out), *RESNET18, "--epochs", "2",
                    "--monitor", "test", "--workers", "1", stdin=f"{shards / 'manifest.json'}\n", env=ENV)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{out}\n"  # stdout carries RUN_DIR only
@@ -459,7 +466,7 @@ def test_outputs_stdout_stdin_encoder_and_monitor(shards, tmp_path):
 
 
 def _initial_conv1(recipe: dict) -> torch.Tensor:
-    """The backbone's conv1 at initialisation (seed 3, as TINY): training must have moved it."""
+    """The backbone's conv1 at initialisation (seed 3, as RESNET18): training must have moved it."""
     from sslctl.methods import build_method
 
     torch.manual_seed(3)
@@ -501,7 +508,7 @@ def test_a_run_saved_before_a_recipe_key_existed_resumes_with_its_old_behaviour(
     resumes with today's default (true: both views were always one batch) and is refused with false."""
     out = tmp_path / "run"
     args = ["pretrain", str(shards), "--recipe", "simclr", "--out", str(out), "--batch-size", "16",
-            "--set", "augment.crop_size=16", "--workers", "0", "--quiet"]
+            "--set", "augment.crop_size=16", *TINY_NET, "--workers", "0", "--quiet"]
     code, _, stderr = _cli(capsys, *args, "--max-steps", "2")
     assert code == 0, stderr
     path = out / "checkpoints" / "last.pt"
@@ -572,7 +579,7 @@ class NoDecayHeadSimCLR(SimCLR):
 def _simclr_cfg(*overrides: str) -> dict:
     from sslctl.recipes import load_recipe
 
-    return load_recipe("simclr", variant="small", overrides=["augment.crop_size=16", "optim.batch_size=16", *overrides])
+    return load_recipe("simclr", variant="small", overrides=[*TINY_CFG, "augment.crop_size=16", "optim.batch_size=16", *overrides])
 
 
 def test_a_methods_declared_groups_and_initial_weights_reach_the_engine(shards, tmp_path):
@@ -616,7 +623,8 @@ def test_the_monitor_callback_gets_the_features_of_both_splits(shards, tmp_path)
     pretrain(shards, cfg, tmp_path / "run", monitor=monitor, monitor_split="test", max_steps=12, **kw)
     assert len(calls) == 2  # one per epoch end (6 steps per epoch)
     bank_shape, bank_labels, query_shape, query_labels_shape, split = calls[0]
-    assert bank_shape == (96, 512) and query_shape == (48, 512) and query_labels_shape == (48,) and split == "test"
+    # 128: TinyResNet's feature_dim
+    assert bank_shape == (96, 128) and query_shape == (48, 128) and query_labels_shape == (48,) and split == "test"
     assert sorted(set(bank_labels)) == list(range(10))  # the train split's labels, in stored order
     lines = [m for m in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if "monitor" in m]
