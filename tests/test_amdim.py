@@ -307,12 +307,15 @@ def test_two_processes_with_global_negatives_equal_one_process_on_the_whole_batc
 
 @pytest.mark.slow
 def test_short_fashion_mnist_run_learns_view_invariant_features(mini_shards, tmp_path, one_thread):
+    # The encoder at ndf 16 (its CPU-sized options) and lr 2e-3: ~25 CPU-s. (ndf 32 at lr 1e-3 cost
+    # ~50 for the same kind of margins: loss 27.6 -> 20.0, view retrieval 0.074 -> 0.277; ndf 16 at
+    # lr 1e-3 learned too little in 100 steps: loss 24.3 -> 20.4, a fall of 3.9 against the 3 asserted.)
     shards = mini_shards
-    overrides = ["encoder.ndf=32", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
-                 "optim.lr=1e-3", "schedule.warmup_steps=0"]
+    overrides = ["encoder.ndf=16", "encoder.n_rkhs=128", "encoder.depth=2", "optim.batch_size=64", "optim.base_batch=64",
+                 "optim.lr=2e-3", "schedule.warmup_steps=0"]
     cfg, run, records = short_run(shards, "amdim", tmp_path / "run", 100, *overrides)
     first, last = first_and_last_losses(records)
-    assert last < first - 3.0, records  # the summed three-task loss falls (about 30 -> 19 here)
+    assert last < first - 3.0, records  # the summed three-task loss falls (25.8 -> 19.9 / 25.4 -> 20.0, seeds 0 / 1)
     # every task ends below its equal-score value log(1 + (B - 1) L): better than chance
     assert records[-1]["nce_1>5"] < math.log(1 + 63 * 25) and records[-1]["nce_5>5"] < math.log(1 + 63 * 25)
     assert records[-1]["z_std"] > 0.5 / math.sqrt(128)  # no collapse: ~1/sqrt(D) when healthy
@@ -320,5 +323,5 @@ def test_short_fashion_mnist_run_learns_view_invariant_features(mini_shards, tmp
     torch.manual_seed(0)
     initial = build_backbone("amdim", **trained.options)
     before, after = retrieval_draws(initial, shards, cfg), retrieval_draws(trained, shards, cfg)
-    # mean of 4 draws: 0.074 -> 0.269 measured
+    # mean of 4 draws: 0.050 -> 0.340 / 0.050 -> 0.295 measured (seeds 0 / 1)
     assert learned(before, after) and sum(after) / 4 > sum(before) / 4 + 0.1, (before, after)

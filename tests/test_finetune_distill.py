@@ -1,7 +1,7 @@
 """`sslctl finetune` and `sslctl distill` (SimCLR v2's semi-supervised stages, docs/spec/methods.md §2d-e).
 
 Real shards made by `sslctl shard` from the embedded Fashion-MNIST subset, real runs through
-train.py's Engine. Fast tests use a tiny ResNet-18 at 16 px; the slow one trains at 32 px."""
+train.py's Engine. Fast tests use a tiny ResNet-18 at 16 px; the slow one trains the tiny ResNet (tests/realrun.py) at 28 px."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from sslctl.finetune import (
 )
 from sslctl.data import load_manifest
 from sslctl.heads import mlp
-from sslctl.paths import EMBEDDED_DATASET
 from sslctl.recipes import load_recipe
 from sslctl.run_options import RunOptions
 from sslctl.train import Engine, pretrain
 from tests.conftest import run_cli
+from tests.realrun import TINY_RESNET
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TINY = ["augment.crop_size=16", "optim.batch_size=16"]
@@ -296,31 +296,36 @@ def test_distill_refuses_a_teacher_that_is_not_fine_tuned_and_bad_weights(shards
 
 
 @pytest.mark.slow
-def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(tmp_path):
-    """5,000 Fashion-MNIST images at 32 px: a short SimCLR v2 pretraining, 10% fine-tuning, then
-    distillation into a fresh ResNet-18: on held-out images the student's predictions agree with
-    the teacher's far more than at initialisation, and the distillation loss falls."""
-    shards = tmp_path / "shards"
-    assert run_cli("shard", str(EMBEDDED_DATASET), str(shards), "--quiet", env=ENV).returncode == 0
-    small = ["optim.batch_size=64"]
-    src = pretrain(shards, load_recipe("simclr_v2", variant="small", overrides=small), tmp_path / "v2", max_steps=10, workers=1)
+def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(mini_shards, tmp_path):
+    """5,000 Fashion-MNIST images at 28 px: a short SimCLR v2 pretraining, 10% fine-tuning, then
+    distillation into a fresh student of the teacher's architecture: on held-out images the
+    student's predictions agree with the teacher's far more than at initialisation, and the
+    distillation loss falls. The stages, not the network, are under test: the tiny ResNet
+    (tests/realrun.py) throughout, ~17 CPU-s (ResNet-18 at 32 px: 176). Measured, seeds 0 / 1 / 2:
+    teacher top-1 45.2 / 45.0 / 42.2%; agreement 0.14 -> 0.56, 0.13 -> 0.43, 0.09 -> 0.54."""
+    small = [f"encoder.name={TINY_RESNET}", "augment.crop_size=28", "optim.batch_size=64"]
+    src = pretrain(mini_shards, load_recipe("simclr_v2", variant="small", overrides=small), tmp_path / "v2",
+                   max_steps=10, workers=1)
     # Fine-tuning's own lr, 0.005 x sqrt(64) = 0.04: the classifier and BN parameters take it raw (no
     # trust ratio), and on 10 classes 0.16 already makes the loss climb; 0.05 x sqrt(64) = 0.4 diverged
-    # (loss 2.3 -> 7.4, 75% of the classifier's inputs dead, a chance-level teacher).
-    ft = finetune(src, shards, tmp_path / "ft", labels="10%", workers=1, overrides=[*small, "schedule.epochs=4"])
+    # (loss 2.3 -> 7.4, 75% of the classifier's inputs dead, a chance-level teacher; ResNet-18).
+    # 8 epochs of the 500 labelled images (56 steps): at 4 the tiny ResNet's teacher reached only
+    # 31-38% (seeds 0-2), too close to the bound below.
+    ft = finetune(src, mini_shards, tmp_path / "ft", labels="10%", workers=1, overrides=[*small, "schedule.epochs=8"])
     teacher_top1 = [r["top1"] for r in _metrics(ft) if "top1" in r][0]
     assert teacher_top1 > 30  # well above chance (10%)
 
-    st = distill(ft, shards, tmp_path / "st", max_steps=40, workers=1, eval_split=None,
+    st = distill(ft, mini_shards, tmp_path / "st", max_steps=80, workers=1, eval_split=None,
                  overrides=[*small, "schedule.epochs=1", "schedule.warmup_epochs=0"])
     rows = [r for r in _metrics(st) if "kd" in r]
     assert rows[-1]["kd"] < rows[0]["kd"]
 
     norm = load_manifest(ft / SUBSET_DIR)  # the teacher's (= pretraining's) mean and std
     cfg = load_recipe(st / "recipe.toml")
+    assert cfg["encoder"]["name"] == TINY_RESNET  # by default the student takes the teacher's architecture
 
     def predicted(model) -> torch.Tensor:
-        return predict_logits(model, shards, "test", 32, norm["mean"], norm["std"], "cpu")[0].argmax(1)
+        return predict_logits(model, mini_shards, "test", 28, norm["mean"], norm["std"], "cpu")[0].argmax(1)
 
     torch.manual_seed(0)
     fresh = Distill(cfg)

@@ -73,19 +73,21 @@ def test_fine_tuning_starts_from_the_first_head_layer_output():
 
 # The cheap learning check's settings (tests/realrun.py CHEAP: the tiny ResNet, batch 16 at the
 # lr given for it, one epoch's schedule without warmup, 28-px crops of scale 0.2-1); the lr is
-# CIFAR SimCLR's effective 2.0 (1.0 x 512/256), not the recipe's 1.0 x 16/256.
-SHORT_RUN = [*CHEAP, "optim.lr=2.0"]
+# CIFAR SimCLR's effective 2.0 (1.0 x 512/256), not the recipe's 1.0 x 16/256. The tiny ResNet at
+# half its width (8-16-32-64, 64-d features): 14.5 CPU-s instead of 20, and it learned no less
+# (seed 0: x2.63 on the view retrieval at width 8, x2.00 at width 16; 4 of 4 draws both).
+SHORT_RUN = [*CHEAP, "encoder.width=8", "optim.lr=2.0"]
 
 
 @pytest.mark.slow
 def test_real_fashion_mnist_run_learns_without_collapse(mini_shards, tmp_path):
-    """SimCLR v2 small variant (tiny ResNet, 3-layer head, t 0.5) on 5,000 Fashion-MNIST images,
-    300 steps of 16: the loss falls, the embeddings keep their spread, and held-out images' views
-    retrieve each other better than at initialisation (measured, seed 0: 0.045 -> 0.099 on
-    average, every draw; 49 CPU-s)."""
+    """SimCLR v2 small variant (tiny ResNet at width 8, 3-layer head, t 0.5) on 5,000 Fashion-MNIST
+    images, 300 steps of 16: the loss falls, the embeddings keep their spread, and held-out images'
+    views retrieve each other better than at initialisation (measured, seeds 0 / 1: 0.039 -> 0.102
+    / 0.020 -> 0.101 on average, every draw; ~15 CPU-s)."""
     cfg = load_recipe("simclr_v2", variant="small", overrides=SHORT_RUN)
     rows, at_init, trained = short_run(mini_shards, cfg, tmp_path / "run", 300)
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # 6.17 -> 4.46 measured
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # 5.72 -> 4.49 / 5.83 -> 4.63 measured (seeds 0 / 1)
     assert rows[-1]["z_std"] > 0.5 / math.sqrt(128), rows[-1]  # healthy ~ 1/sqrt(128) = 0.088
     assert learned(at_init, trained), (at_init, trained)
