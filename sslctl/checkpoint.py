@@ -92,8 +92,9 @@ def save(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def _refused_object(err: Exception) -> str:
-    """What torch's weights_only unpickler refused, without its advice to turn the check off."""
+def _without_advice(err: Exception) -> str:
+    """torch's message without its advice to turn the weights_only check off (sslctl never
+    suggests loading a file that way): for a refused file, what was refused."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     detail = [line for line in lines if "weights_only" not in line and not line.startswith(("Weights only load failed", "Check the"))]
     return detail[0] if detail else type(err).__name__
@@ -102,17 +103,13 @@ def _refused_object(err: Exception) -> str:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's text would suggest weights_only=False: never
-        raise UserError(
-            f"{path}: not an sslctl checkpoint: it holds Python objects other than tensors and plain values "
-            f"({_refused_object(err)}), and loading those "
-            "could run code, which sslctl never does; delete it to start over, or pass --resume never with a new --out"
-        ) from None
-    except Exception as err:  # a truncated or foreign file: the user can delete it or pick another run
-        raise UserError(
-            f"{path}: cannot read the checkpoint ({type(err).__name__}: {err}); "
-            "delete it to start over, or pass --resume never with a new --out"
-        ) from None
+    except Exception as err:  # a truncated, foreign or hostile file: the user can delete it or pick another run
+        if isinstance(err, pickle.UnpicklingError) and "unsupported GLOBAL" in str(err):  # torch's words for a refused object
+            what = (f"not an sslctl checkpoint: it holds Python objects other than tensors and plain values "
+                    f"({_without_advice(err)}), and loading those could run code, which sslctl never does")
+        else:
+            what = f"cannot read the checkpoint ({type(err).__name__}: {_without_advice(err)})"
+        raise UserError(f"{path}: {what}; delete it to start over, or pass --resume never with a new --out") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not an sslctl checkpoint (format={state.get('format') if isinstance(state, dict) else None!r})")
     return state

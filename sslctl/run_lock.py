@@ -1,7 +1,11 @@
 """One writer per run directory: `hold_run_dir(out)` takes an exclusive lock on OUT/.lock for as
-long as the process lives (fcntl.flock: the kernel drops it when the process dies, however it
-dies, so a killed run never blocks its own resume). A second process on the same directory is
-refused with exit 2 naming the holder, instead of interleaving metrics and checkpoints."""
+long as the process lives. It is a POSIX record lock (fcntl.lockf), held by this process alone:
+the kernel drops it the moment the process dies, however it dies, so a killed run never blocks
+its own resume. (An flock belongs to the open file, which the forked loader workers share: after a
+kill -9 it stayed held until they noticed and exited, seconds later.) A second process on the
+same directory is refused with exit 2 naming the holder, instead of interleaving metrics and
+checkpoints. Nothing else in the process may open and close OUT/.lock: closing any descriptor of
+the file drops a POSIX lock."""
 
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ def hold_run_dir(out: Path) -> IO:
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_NAME, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EAGAIN / EACCES: held by another process
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()

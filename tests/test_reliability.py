@@ -127,9 +127,9 @@ def _wait_for_the_lock(run: Path, timeout: float = 60) -> None:
     with open(run / ".lock", "a+") as handle:
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as sslctl.run_lock
                 return
-            except BlockingIOError:
+            except OSError:
                 assert time.monotonic() < deadline, f"{run}: still locked {timeout:.0f} s after the kill"
                 time.sleep(0.05)
 

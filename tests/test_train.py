@@ -107,7 +107,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(shards, referen
 
 def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_does_not_block(shards, tmp_path):
     """Two pretrains on one --out interleaved their metrics and the last writer won the checkpoint:
-    the second is now exit 2 naming the holder. The lock dies with its process (flock), so after
+    the second is now exit 2 naming the holder. The lock dies with its process (a POSIX lock), so after
     a kill -9 the same command resumes."""
     out = tmp_path / "run"
     first = subprocess.Popen(_pretrain(shards, out, "--max-steps", "100000", "--workers", "0", "--checkpoint-every", "1"),
