@@ -179,7 +179,7 @@ def _signal_at(cmd: list, progress: re.Pattern, target: int, sig: int, rng) -> i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, kills", [(1, 4), (2, 2)])
+@pytest.mark.parametrize("nproc, kills", [(1, 3), (2, 2)])
 def test_pretrain_killed_at_random_points_again_and_again_ends_as_an_uninterrupted_run(tiny_shards, tmp_path, nproc, kills):
     """kill -9 and SIGTERM at random steps, `kills` times in a row (2 gloo ranks as well): after
     every kill the artifacts are whole, and the run finished at last has the losses and the
@@ -208,7 +208,7 @@ def test_embed_killed_at_random_points_again_and_again_ends_with_the_bytes_of_an
     from sslctl.artifacts import sha256_file
     from tests.evalkit import CHEAP_ENCODER, make_shards
 
-    shards = make_shards(tmp_path / "shards", max_count=25)  # 300 images in 12 shards
+    shards = make_shards(tmp_path / "shards", max_count=30)  # 300 images in 10 shards
     out = tmp_path / "f.safetensors"
     cmd = [sys.executable, "-m", "sslctl", "embed", *CHEAP_ENCODER, str(shards), "--out", str(out), "--batch-size", "5"]
     first = run_bounded(cmd, env={**os.environ, **ENV})
@@ -216,8 +216,8 @@ def test_embed_killed_at_random_points_again_and_again_ends_with_the_bytes_of_an
     uninterrupted = sha256_file(out)
     out.unlink()
     rng, parts, done = random.Random(0), tmp_path / "f.safetensors.parts", 0
-    for _ in range(3):
-        target = rng.randint(done + 1, done + 3)  # parts written by this run, counted from the directory
+    for _ in range(2):
+        target = rng.randint(done + 1, done + 4)  # parts written by this run, counted from the directory
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, **ENV})
         deadline = time.monotonic() + 120
