@@ -53,8 +53,9 @@ from torch import nn  # noqa: E402
 from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss  # noqa: E402
 from lightly.models.modules import (  # noqa: E402
     BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MoCoProjectionHead,
-    SimCLRProjectionHead, SimSiamPredictionHead, SimSiamProjectionHead, VICRegProjectionHead,
+    SimCLRProjectionHead, SimSiamPredictionHead, SimSiamProjectionHead,
 )
+from lightly.models.modules.heads import VICRegProjectionHead  # noqa: E402 (lightly 1.6 does not re-export it)
 from lightly.models.utils import deactivate_requires_grad, update_momentum  # noqa: E402
 from lightly.transforms import (  # noqa: E402
     BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform, MoCoV2Transform, SimCLRTransform,
@@ -280,15 +281,25 @@ def fashion_mnist(root: Path, idx_dir: Path, transform) -> torchvision.datasets.
 # ---------------------------------------------------------------------------------- training
 
 
+def image_folder(root: Path) -> torchvision.datasets.ImageFolder:
+    """Class folders of RGB images (CIFAR-10's JPEG train split); the transform is set later."""
+    return torchvision.datasets.ImageFolder(str(root))
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    dataset_probe = 60000 // BATCH  # steps per epoch of Fashion-MNIST train with drop_last
+    folder = image_folder(Path(args.image_folder)) if args.image_folder else None
+    dataset_probe = (len(folder) if folder else 60000) // BATCH  # steps per epoch with drop_last
     total = round(args.epochs * dataset_probe)
     setup = Setup(args.method, total)
     model = setup.model.to(device)
     setup.criterion.to(device)  # in place: the loss (and MoCo's memory bank in it) lives on the device
-    dataset = fashion_mnist(Path(args.data_root), Path(args.fmnist), setup.transform)
+    if folder:
+        folder.transform = setup.transform
+        dataset = folder
+    else:
+        dataset = fashion_mnist(Path(args.data_root), Path(args.fmnist), setup.transform)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=args.workers,
         pin_memory=device.type == "cuda",
@@ -297,6 +308,8 @@ def train(args) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     last = min(total, args.steps)
     times, waits, losses = [], [], []
+    snapshot_at = sorted(float(t) for t in args.snapshot_at.split(",") if t.strip())
+    snapshots = []  # {"step", "seconds", "path"}: the backbone at the first step end past each time
     step = 0
     model.train()
     while step < last:
@@ -321,13 +334,19 @@ def train(args) -> dict:
             times.append(t2 - t0)
             waits.append(t1 - t0)
             step += 1
+            if snapshot_at and time.time() - T_START >= snapshot_at[0]:
+                seconds = time.time() - T_START
+                path = export(setup, Path(args.out) / "snapshots" / f"encoder-step{step}.safetensors")
+                snapshots.append({"step": step, "seconds": seconds, "path": str(path)})
+                while snapshot_at and seconds >= snapshot_at[0]:
+                    snapshot_at.pop(0)
             if args.deadline and time.time() >= args.deadline:  # the step in flight finishes, as on SIGTERM
                 last = step
     export(setup, Path(args.out) / "encoder.safetensors")
     return {
         "library": "lightly", "method": args.method, "steps": step, "batch": BATCH, "step_times": times,
         "waits": waits, "losses": losses, "threads": torch.get_num_threads(), "workers": args.workers,
-        "device": str(device), "seconds_since_start": time.time() - T_START,
+        "device": str(device), "seconds_since_start": time.time() - T_START, "snapshots": snapshots,
     }
 
 
@@ -336,6 +355,7 @@ def export(setup: Setup, path: Path) -> Path:
     from sslctl.encoder_io import save_encoder
 
     resnet = setup.resnet
+    path.parent.mkdir(parents=True, exist_ok=True)
     if setup.method != "dino_vit":
         resnet.fc = nn.Identity()
         resnet.arch, resnet.feature_dim = "resnet18", 512
@@ -349,14 +369,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--out", required=True, help="run directory: result.json, encoder.safetensors")
-    ap.add_argument("--fmnist", required=True, help="folder with the Fashion-MNIST idx .gz files")
-    ap.add_argument("--data-root", required=True, help="torchvision dataset root (raw files unpacked here)")
+    data = ap.add_mutually_exclusive_group(required=True)
+    data.add_argument("--fmnist", help="folder with the Fashion-MNIST idx .gz files")
+    data.add_argument("--image-folder", help="class folders of images (CIFAR-10's train/), read by ImageFolder")
+    ap.add_argument("--data-root", help="torchvision dataset root for --fmnist (raw files unpacked here)")
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--epochs", type=float, default=1, help="the cosine spans this many epochs (fractions allowed)")
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=0.0, help="unix time: stop after the step in flight then")
+    ap.add_argument("--snapshot-at", default="", help="seconds since launch, comma list: export the backbone to "
+                                                        "OUT/snapshots/ at the first step end past each")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     record = train(args)
