@@ -18,7 +18,8 @@ Snapshots: the backbone as it was at the first step end past each of `--snapshot
 (sslctl: the first checkpoints/last.pt written past it, every `--checkpoint-every` steps; lightly:
 bench/_lightly_side.py exports it), and at the end. Each is evaluated afterwards by the same code
 as compare.py's B2 (sslctl's embed_shards, 32-px eval transform, fp32; weighted kNN k=200/T=0.1 and
-k=20/T=0.07 of test against the 50,000 train features), beside the random-init ResNet-18 floor.
+k=20/T=0.07 of test against the 50,000 train features), beside the same architecture at random
+initialisation (seed 0), the floor.
 A markdown table goes to stdout, the JSON record to bench/results/curve-DEVICE-TIME.json.
 """
 
@@ -117,9 +118,24 @@ def encoder_from_checkpoint(checkpoint: Path, like: Path, out: Path) -> int:
     return int(state["step"])
 
 
+def sslctl_cmd(method: str, run_dir: Path, args, steps: int) -> list[str]:
+    """compare.py's command (its parity settings), or with --sslctl-own the recipe's small variant
+    with only --sslctl-set on top (and ImageNet normalisation, which the evaluation uses)."""
+    if not args.sslctl_own:
+        return compare.sslctl_cmd(method, run_dir, args, steps)
+    cmd = [
+        sys.executable, "-m", "sslctl", "pretrain", str(args.shards), "--recipe", method, "--variant", "small",
+        "--out", str(run_dir), "--max-steps", str(steps), "--log-every", "1", "--checkpoint-every", "1000000",
+        "--workers", str(args.workers), "--device", args.device, "--seed", str(args.seed),
+    ]
+    for item in ["augment.normalize=imagenet", f"schedule.epochs={args.epochs}", *args.sslctl_set]:
+        cmd += ["--set", item]
+    return cmd
+
+
 def run_sslctl(method: str, run_dir: Path, args, at_seconds: list[float]) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = compare.sslctl_cmd(method, run_dir, args, compare.STEPS_PER_EPOCH * args.epochs)
+    cmd = sslctl_cmd(method, run_dir, args, 10**9)  # the schedule or the deadline ends it
     cmd[cmd.index("--checkpoint-every") + 1] = str(args.checkpoint_every)
     start = time.time()
     watcher = CheckpointWatcher(run_dir, start, at_seconds)
@@ -133,7 +149,7 @@ def run_sslctl(method: str, run_dir: Path, args, at_seconds: list[float]) -> dic
     done = max((r["step"] for r in records if "step" in r), default=0)
     final_seconds = proc["wall_s"]
     if not (run_dir / "encoder.safetensors").exists():  # stopped at the deadline: export at that step
-        export = compare.sslctl_cmd(method, run_dir, args, done)
+        export = sslctl_cmd(method, run_dir, args, done)
         if compare.run_process(export, run_dir.parent / f"{run_dir.name}.export.log")["returncode"] != 0:
             compare._fail(f"sslctl {method} encoder export", run_dir.parent / f"{run_dir.name}.export.log")
     points = []
@@ -169,11 +185,36 @@ def run_lightly(method: str, run_dir: Path, args, at_seconds: list[float]) -> di
             "data_wait_pct": [100 * sum(record["waits"]) / max(1e-9, sum(times))]}
 
 
+def floor_of(encoder: Path, args, cache: dict) -> str:
+    """kNN of the same architecture at random initialisation (seed 0), measured once per
+    architecture; returns its name in `cache`."""
+    import torch
+    from safetensors import safe_open
+
+    from sslctl.augment import IMAGENET_MEAN, IMAGENET_STD
+    from sslctl.encoder_io import save_encoder
+    from sslctl.encoders import build_backbone
+
+    with safe_open(str(encoder), "pt") as f:
+        meta = f.metadata()
+    small_stem = meta["small_stem"] == "true"
+    name = f"random-init {meta['arch']} ({'small' if small_stem else 'standard'} stem)"
+    if name not in cache:
+        path = args.work / f"floor-{meta['arch']}-{'small' if small_stem else 'standard'}.safetensors"
+        torch.manual_seed(0)
+        net = build_backbone(meta["arch"], small_stem=small_stem)
+        save_encoder(path, net, small_stem=small_stem, input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, recipe="random-init")
+        compare.log(f"floor: {name} ...")
+        cache[name] = compare.knn_of_encoder(path, args)
+        compare.log(f"    {cache[name]}")
+    return name
+
+
 def markdown(runs: list[dict], floor: dict) -> str:
-    keys = [k for k in next(iter(floor.values()))]
+    keys = list(runs[0]["points"][0]["knn"])
     lines = ["| method | library | minutes | steps | " + " | ".join(keys) + " |", "| --- | --- | ---: | ---: |" + " ---: |" * len(keys)]
     for name, result in floor.items():
-        lines.append(f"| {name} | | 0 | 0 | " + " | ".join(f"{result[k]:.2f}" for k in keys) + " |")
+        lines.append(f"| {name} | | 0 | 0 | " + " | ".join(f"{list(result.values())[i]:.2f}" for i in range(len(keys))) + " |")
     for r in runs:
         for p in r["points"]:
             lines.append(f"| {r['method']} | {r['library']} | {p['seconds'] / 60:.1f} | {p['step']} | "
@@ -189,16 +230,18 @@ def plot(records: list[Path], png: Path, key: str = "k=200/T=0.1") -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    floor = None
+    floors = {}
     for path in records:
         record = json.loads(Path(path).read_text())
-        floor = record["floors"]["random-init ResNet-18"][key]
+        floors.update(record["floors"])
         for r in record["runs"]:
+            floor = record["floors"][r["floor"]][key]
             xs = [0.0] + [p["seconds"] / 60 for p in r["points"]]
             ys = [floor] + [p["knn"][key] for p in r["points"]]
-            ax.plot(xs, ys, marker="o", linestyle="-" if r["library"] == "sslctl" else "--", label=f"{r['library']} {r['method']}")
-    if floor is not None:
-        ax.axhline(floor, color="gray", linestyle=":", label="random-init ResNet-18")
+            ax.plot(xs, ys, marker="o", linestyle="-" if r["library"] == "sslctl" else "--",
+                    label=f"{r['library']} {r['method']}{r.get('label', '')}")
+    for (name, result), style in zip(sorted(floors.items()), (":", "-.")):
+        ax.axhline(result[key], color="gray", linestyle=style, label=name)
     ax.set_xlabel("wall-clock minutes from launch (2-core CPU)")
     ax.set_ylabel(f"CIFAR-10 kNN top-1 % ({key})")
     ax.grid(alpha=0.3)
@@ -216,6 +259,10 @@ def main() -> None:
     ap.add_argument("--snapshots", default="10,20", help="minutes at which the backbone is also evaluated (and at the end)")
     ap.add_argument("--sslctl-epochs", type=int, default=3, help="sslctl's schedule, whole epochs that end within --minutes")
     ap.add_argument("--lightly-epochs", type=float, default=1.4, help="lightly's schedule in epochs (fractions allowed)")
+    ap.add_argument("--sslctl-set", action="append", default=[], help="extra --set for sslctl after the parity settings "
+                                                                       "(e.g. encoder.small_stem=false); the floor follows the architecture")
+    ap.add_argument("--sslctl-own", action="store_true", help="sslctl: the recipe's small variant and --sslctl-set, "
+                                                               "not the parity settings (the best sslctl can do, not a like-for-like)")
     ap.add_argument("--checkpoint-every", type=int, default=25, help="sslctl: steps between checkpoints (the snapshots' grain)")
     ap.add_argument("--cifar10", type=Path, default=CIFAR10, help="cifar10-jpg.tar.gz, or a folder, with train/ and test/ class folders")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "curve", help="unpacked data, shards, run directories")
@@ -238,11 +285,11 @@ def main() -> None:
         from sslctl.data import default_workers
 
         args.workers = default_workers()
-    args.epochs, args.sslctl_set, args.sslctl_args = args.sslctl_epochs, [], ""  # what compare.sslctl_cmd reads
+    args.epochs, args.sslctl_args = args.sslctl_epochs, ""  # what compare.sslctl_cmd reads
     prepare(args)
     info = compare.machine()
     compare.log(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, lightly {info['lightly']}; load {os.getloadavg()}")
-    floor = {"random-init ResNet-18": compare.floors(args)["random-init ResNet-18"]}
+    floor: dict[str, dict] = {}  # per architecture, measured after its first run
     at_seconds = [60 * float(m) for m in args.snapshots.split(",") if m.strip()]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = REPO / "bench" / "results" / f"curve-{args.device.split(':')[0]}-{stamp}{'-' + args.label if args.label else ''}.json"
@@ -255,6 +302,9 @@ def main() -> None:
             compare.log(f"{library} {method}: {args.minutes:g} min ...")
             side = run_sslctl if library == "sslctl" else run_lightly
             r = side(method, run_dir, args, at_seconds)
+            r["floor"] = floor_of(Path(r["points"][-1]["path"]), args, floor)
+            if library == "sslctl" and (args.sslctl_set or args.sslctl_own):
+                r["label"] = " (" + ", ".join((["own recipe"] if args.sslctl_own else []) + args.sslctl_set) + ")"
             for p in r["points"]:
                 p["knn"] = compare.knn_of_encoder(Path(p["path"]), args)
                 compare.log(f"    {p['seconds'] / 60:.1f} min, step {p['step']}: {p['knn']}")

@@ -44,13 +44,19 @@ def peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.fl
 
 def measure(device: str = "cpu", size: int | None = None, repeats: int = 5) -> dict:
     """{"fp32": FLOP/s, "bf16": FLOP/s, "size", "threads", "device"} for one device."""
+    from sslctl.devices import default_amp
+
     size = size or (8192 if torch.device(device).type == "cuda" else 4096)
+    # Without native bf16 (a CPU with AVX2 only) sslctl trains in fp32 and a bf16 matmul is
+    # emulated at ~1 GFLOP/s: one small one tells that rate without minutes of waiting.
+    native_bf16 = default_amp(torch.device(device))
     return {
         "device": device,
         "size": size,
         "threads": torch.get_num_threads(),
+        "native_bf16": native_bf16,
         "fp32": peak_flops(device, torch.float32, size, repeats),
-        "bf16": peak_flops(device, torch.bfloat16, size, repeats),
+        "bf16": peak_flops(device, torch.bfloat16, size if native_bf16 else 1024, repeats if native_bf16 else 1),
     }
 
 
