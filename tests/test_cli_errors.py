@@ -140,6 +140,9 @@ def test_ctrl_c_while_a_command_waits_on_stdin_exits_130():
     try:
         _wait_until_reading_stdin(proc)
         proc.send_signal(signal.SIGINT)
+        # Wait before communicate() closes stdin: on a busy machine the child can wake to the EOF
+        # before the signal and read an empty stdin (seen: exit 2 "stdin was empty")
+        proc.wait(timeout=60)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
