@@ -224,7 +224,7 @@ def run_process(cmd: list[str], log_path: Path, deadline: float | None = None) -
     }
 
 
-def _fail(what: str, log_path: Path) -> None:
+def fail(what: str, log_path: Path) -> None:
     tail = log_path.read_text()[-3000:] if log_path.exists() else ""
     raise SystemExit(f"{what} failed; the end of {log_path}:\n{tail}")
 
@@ -249,7 +249,7 @@ def run_sslctl(method: str, run: Path, args, steps: int, deadline: float | None)
     proc = run_process(cmd, run.parent / f"{run.name}.log", deadline)
     run_log = run.parent / f"{run.name}.log"
     if proc["returncode"] != 0 and not (proc["signalled"] and proc["returncode"] in (143, -15)):
-        _fail(f"sslctl {method}", run_log)
+        fail(f"sslctl {method}", run_log)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_rec = [r for r in records if r.get("images_per_s")]
     times = [BATCH / r["images_per_s"] for r in steps_rec]
@@ -258,7 +258,7 @@ def run_sslctl(method: str, run: Path, args, steps: int, deadline: float | None)
     if not (run / "encoder.safetensors").exists():  # stopped by the deadline: export at that step
         cmd = sslctl_cmd(method, run, args, done)
         if run_process(cmd, run.parent / f"{run.name}.export.log")["returncode"] != 0:
-            _fail(f"sslctl {method} encoder export", run.parent / f"{run.name}.export.log")
+            fail(f"sslctl {method} encoder export", run.parent / f"{run.name}.export.log")
     return {
         **proc, "library": "sslctl", "method": method, "steps": done, "step_times": times, "waits": waits,
         "losses": [r["loss"] for r in steps_rec], "command": " ".join(cmd), "run": str(run),
@@ -277,7 +277,7 @@ def run_lightly(method: str, run: Path, args, steps: int, deadline: float | None
     run_log = run.parent / f"{run.name}.log"
     proc = run_process(cmd, run_log)
     if proc["returncode"] != 0:
-        _fail(f"lightly {method}", run_log)
+        fail(f"lightly {method}", run_log)
     record = json.loads((run / "result.json").read_text())
     return {**proc, **record, "command": " ".join(cmd), "run": str(run)}
 
@@ -496,7 +496,7 @@ def prepare(args) -> None:
             log(f"sharding {args.fmnist} into {args.shards} ...")
             proc = run_process([sys.executable, "-m", "sslctl", "shard", str(args.fmnist), str(args.shards)], args.work / "shard.log")
             if proc["returncode"] != 0:
-                _fail("sslctl shard", args.work / "shard.log")
+                fail("sslctl shard", args.work / "shard.log")
 
 
 def main() -> None:

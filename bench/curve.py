@@ -42,7 +42,8 @@ sys.path[:0] = [str(REPO / "bench"), str(REPO)]
 import compare  # noqa: E402
 
 CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.tar.gz"
-CURVE_METHODS = ("adco", "moco_v2", "simclr", "byol", "swav")
+PARITY_METHODS = ("adco", "moco_v2", "simclr", "byol")  # compare.py's like-for-like settings; any recipe with --sslctl-own
+LIGHTLY_METHODS = ("moco_v2", "simclr", "byol")
 
 
 def prepare(args) -> None:
@@ -62,7 +63,7 @@ def prepare(args) -> None:
         compare.log(f"sharding {folders} ...")
         proc = compare.run_process([sys.executable, "-m", "sslctl", "shard", str(folders), str(args.shards)], args.work / "shard.log")
         if proc["returncode"] != 0:
-            compare._fail("sslctl shard", args.work / "shard.log")
+            compare.fail("sslctl shard", args.work / "shard.log")
     train_images = json.loads((args.shards / "manifest.json").read_text())["splits"]["train"]["count"]
     compare.STEPS_PER_EPOCH = train_images // compare.BATCH  # whole batches, as both loaders drop the last
 
@@ -144,14 +145,14 @@ def run_sslctl(method: str, run_dir: Path, args, at_seconds: list[float]) -> dic
     watcher.done.set()
     watcher.join()
     if proc["returncode"] != 0 and not (proc["signalled"] and proc["returncode"] in (143, -15)):
-        compare._fail(f"sslctl {method}", run_dir.parent / f"{run_dir.name}.log")
+        compare.fail(f"sslctl {method}", run_dir.parent / f"{run_dir.name}.log")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     done = max((r["step"] for r in records if "step" in r), default=0)
     final_seconds = proc["wall_s"]
     if not (run_dir / "encoder.safetensors").exists():  # stopped at the deadline: export at that step
         export = sslctl_cmd(method, run_dir, args, done)
         if compare.run_process(export, run_dir.parent / f"{run_dir.name}.export.log")["returncode"] != 0:
-            compare._fail(f"sslctl {method} encoder export", run_dir.parent / f"{run_dir.name}.export.log")
+            compare.fail(f"sslctl {method} encoder export", run_dir.parent / f"{run_dir.name}.export.log")
     points = []
     for i, snap in enumerate(watcher.taken):
         path = run_dir / "snapshots" / f"encoder-{i}.safetensors"
@@ -175,7 +176,7 @@ def run_lightly(method: str, run_dir: Path, args, at_seconds: list[float]) -> di
     ]
     proc = compare.run_process(cmd, run_dir.parent / f"{run_dir.name}.log")
     if proc["returncode"] != 0:
-        compare._fail(f"lightly {method}", run_dir.parent / f"{run_dir.name}.log")
+        compare.fail(f"lightly {method}", run_dir.parent / f"{run_dir.name}.log")
     record = json.loads((run_dir / "result.json").read_text())
     points = [{"step": s["step"], "seconds": s["seconds"], "path": s["path"]} for s in record["snapshots"]]
     points.append({"step": record["steps"], "seconds": proc["wall_s"], "path": str(run_dir / "encoder.safetensors")})
@@ -253,7 +254,7 @@ def plot(records: list[Path], png: Path, key: str = "k=200/T=0.1") -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="simclr", help=f"comma list of {', '.join(CURVE_METHODS)} (lightly: moco_v2, simclr, byol)")
+    ap.add_argument("--methods", default="simclr", help=f"comma list of {', '.join(PARITY_METHODS)} (lightly: {', '.join(LIGHTLY_METHODS)})")
     ap.add_argument("--libraries", default="sslctl,lightly")
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per run, from launch")
     ap.add_argument("--snapshots", default="10,20", help="minutes at which the backbone is also evaluated (and at the end)")
@@ -278,9 +279,11 @@ def main() -> None:
         return
     methods = [m for m in args.methods.split(",") if m]
     libraries = [lib for lib in args.libraries.split(",") if lib]
-    bad = [m for m in methods if m not in CURVE_METHODS] + [lib for lib in libraries if lib not in ("sslctl", "lightly")]
+    bad = [m for m in methods if m not in PARITY_METHODS and not args.sslctl_own] + [
+        lib for lib in libraries if lib not in ("sslctl", "lightly")]
     if bad:
-        raise SystemExit(f"unknown method/library {bad}; methods: {', '.join(CURVE_METHODS)}; libraries: sslctl, lightly")
+        raise SystemExit(f"unknown method/library {bad}; methods: {', '.join(PARITY_METHODS)} (any recipe with --sslctl-own); "
+                         "libraries: sslctl, lightly")
     if args.workers is None:
         from sslctl.data import default_workers
 
@@ -295,7 +298,7 @@ def main() -> None:
     out = REPO / "bench" / "results" / f"curve-{args.device.split(':')[0]}-{stamp}{'-' + args.label if args.label else ''}.json"
     runs = []
     for i, method in enumerate(methods):
-        order = [lib for lib in libraries if lib == "sslctl" or method in ("moco_v2", "simclr", "byol")]
+        order = [lib for lib in libraries if lib == "sslctl" or method in LIGHTLY_METHODS]
         for library in order[::-1] if i % 2 else order:
             run_dir = args.work / f"curve-{stamp}" / f"{method}-{library}"
             run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +319,7 @@ def main() -> None:
               f"{args.sslctl_epochs} epoch(s), lightly {args.lightly_epochs:g}; {args.workers} loader workers")
     print(header + "\n\n" + table + "\n")
     out.write_text(json.dumps({"argv": sys.argv, "machine": info, "floors": floor, "runs": runs, "table": table,
-                               "header": header, "sslctl_overrides": {m: compare.SSLCTL_OVERRIDES[m] for m in methods}}, indent=1))
+                               "header": header, "sslctl_overrides": {m: compare.SSLCTL_OVERRIDES.get(m) for m in methods}}, indent=1))
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     compare.log(f"results: {out}")
 
