@@ -240,7 +240,7 @@ def plot(records: list[Path], png: Path, key: str = "k=200/T=0.1") -> Path:
             xs = [0.0] + [p["seconds"] / 60 for p in r["points"]]
             ys = [floor] + [p["knn"][key] for p in r["points"]]
             ax.plot(xs, ys, marker="o", linestyle="-" if r["library"] == "sslctl" else "--",
-                    label=f"{r['library']} {r['method']}{r.get('label', '')}")
+                    label=f"{r['library']} {r['method']}{' (own recipe)' if 'own recipe' in r.get('label', '') else ''}")
     for (name, result), style in zip(sorted(floors.items()), (":", "-.")):
         ax.axhline(result[key], color="gray", linestyle=style, label=name)
     ax.set_xlabel("wall-clock minutes from launch (2-core CPU)")
