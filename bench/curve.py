@@ -215,7 +215,7 @@ def markdown(runs: list[dict], floor: dict) -> str:
     keys = list(runs[0]["points"][0]["knn"])
     lines = ["| method | library | minutes | steps | " + " | ".join(keys) + " |", "| --- | --- | ---: | ---: |" + " ---: |" * len(keys)]
     for name, result in floor.items():
-        lines.append(f"| {name} | | 0 | 0 | " + " | ".join(f"{list(result.values())[i]:.2f}" for i in range(len(keys))) + " |")
+        lines.append(f"| {name} | | 0 | 0 | " + " | ".join(f"{result[k]:.2f}" for k in keys) + " |")
     for r in runs:
         for p in r["points"]:
             lines.append(f"| {r['method']} | {r['library']} | {p['seconds'] / 60:.1f} | {p['step']} | "
