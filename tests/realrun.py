@@ -153,9 +153,11 @@ class LearningCheck:
 
     @property
     def loss_falls(self) -> bool:
-        """The mean of the last 3 logged windows is 3% below the peak of the first two thirds."""
+        """The mean of the last 3 logged windows is 3% below the peak of the first two thirds (in
+        absolute terms: SimSiam's loss is negative, -1 is perfect agreement)."""
         losses = self.losses
-        return sum(losses[-3:]) / 3 < 0.97 * max(losses[: 2 * len(losses) // 3])
+        peak = max(losses[: 2 * len(losses) // 3])
+        return sum(losses[-3:]) / 3 < peak - 0.03 * abs(peak)
 
     @property
     def spread(self) -> bool:

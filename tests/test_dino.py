@@ -2,7 +2,7 @@
 centering update, the teacher-temperature warm-up, what the teacher sees, gradient clipping and
 the frozen last layer, the EMA. Tiny real networks (ResNet-18 small stem or a 1-block ViT at
 8-16 px, batch 4): seconds. 2 ranks = 1 rank: tests/test_distributed.py; exact resume:
-tests/test_train.py; the short learning run: tests/test_short_runs_vit.py."""
+tests/test_train.py; the short learning run: tests/test_short_runs_noncontrastive.py."""
 
 from __future__ import annotations
 
