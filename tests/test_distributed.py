@@ -191,11 +191,13 @@ def _rank_main(rank: int, port: int, shards: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(shards, tmp_path_factory) -> list[dict]:
-    """Every method's STEPS steps on 2 gloo processes (one spawn for all of them)."""
+    """Every method's STEPS steps on 2 gloo processes (one start for all of them). Forked, not
+    spawned: a spawned rank imports torch, torchvision and sslctl again (~5 CPU-s each); this
+    process has no process group and one intra-op thread, which is what fork needs."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("two-ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(shards), str(out)), nprocs=2, join=True)
+    mp.start_processes(_rank_main, args=(_free_port(), str(shards), str(out)), nprocs=2, join=True, start_method="fork")
     results = []
     for r in range(2):
         results.append(torch.load(out / f"rank{r}.pt", weights_only=False))

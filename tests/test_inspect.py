@@ -39,7 +39,8 @@ def test_shards_by_cli_and_by_pipe(shards):
     assert piped.returncode == 0 and json.loads(piped.stdout) == summary and piped.stderr == ""
 
 
-def test_encoder_and_run_directory(tmp_path, shards):
+def test_encoder_and_run_directory(tmp_path, mini_shards):
+    shards = mini_shards  # only hashed into the encoder's provenance: conftest's shards, made once per session
     backbone = build_backbone("resnet18", small_stem=True)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

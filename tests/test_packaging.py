@@ -69,11 +69,21 @@ def _checkout_files() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory) -> tuple[Path, Path]:
-    """(wheel built from the tree as `pip install .` does, wheel built from the sdist)."""
-    root = tmp_path_factory.mktemp("packaging")
-    src = _source_copy(root / "src")
-    direct = _pip_wheel(src, root / "direct")
+def source(tmp_path_factory) -> Path:
+    return _source_copy(tmp_path_factory.mktemp("packaging") / "src")
+
+
+@pytest.fixture(scope="module")
+def direct_wheel(source) -> Path:
+    """The wheel built from the tree as `pip install .` does."""
+    return _pip_wheel(source, source.parent / "direct")
+
+
+@pytest.fixture(scope="module")
+def wheels(source, direct_wheel) -> tuple[Path, Path]:
+    """(direct_wheel, the wheel built from the sdist). Only the test that compares them builds the
+    second: under xdist the two tests of this module may run in two workers, each building its own."""
+    root, src, direct = source.parent, source, direct_wheel
     # python -m build's path: sdist first, then the wheel from the unpacked sdist.
     (root / "sdist").mkdir()
     _run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(root / 'sdist')!r})"], cwd=src)
@@ -103,11 +113,11 @@ def test_wheel_holds_every_module_recipe_and_data_file(wheels):
         assert z.read("sslctl/_recipes/moco_v2.toml") == (REPO / "recipes" / "moco_v2.toml").read_bytes()
 
 
-def test_installed_wheel_finds_recipes_and_embedded_dataset(wheels, tmp_path):
+def test_installed_wheel_finds_recipes_and_embedded_dataset(direct_wheel, tmp_path):
     target, cwd = tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile",
-          "--disable-pip-version-check", "-q", "--target", str(target), str(wheels[0])], cwd=cwd)
+          "--disable-pip-version-check", "-q", "--target", str(target), str(direct_wheel)], cwd=cwd)
     # Dependencies come from this interpreter's site-packages; sslctl must come from `target`
     # (PYTHONPATH precedes the editable install's finder, checked through __file__ below).
     env = {**os.environ, "PYTHONPATH": str(target)}
