@@ -40,12 +40,11 @@ def test_shards_by_cli_and_by_pipe(shards):
 
 
 def test_encoder_and_run_directory(tmp_path, mini_shards):
-    shards = mini_shards  # only hashed into the encoder's provenance: conftest's shards, made once per session
     backbone = build_backbone("resnet18", small_stem=True)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     save_encoder(run / "encoder.safetensors", backbone, small_stem=True, input_size=32, mean=[0.5], std=[0.25],
-                 recipe="moco_v2", inputs={"shards": shards / "manifest.json"})
+                 recipe="moco_v2", inputs={"shards": mini_shards / "manifest.json"})  # only hashed
     summary = describe(run / "encoder.safetensors").summary
     assert summary["kind"] == "encoder" and summary["arch"] == "resnet18" and summary["feature_dim"] == 512
     assert summary["parameters"] == sum(v.numel() for v in backbone.state_dict().values())

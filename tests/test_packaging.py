@@ -83,15 +83,15 @@ def direct_wheel(source) -> Path:
 def wheels(source, direct_wheel) -> tuple[Path, Path]:
     """(direct_wheel, the wheel built from the sdist). Only the test that compares them builds the
     second: under xdist the two tests of this module may run in two workers, each building its own."""
-    root, src, direct = source.parent, source, direct_wheel
+    root = source.parent
     # python -m build's path: sdist first, then the wheel from the unpacked sdist.
     (root / "sdist").mkdir()
-    _run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(root / 'sdist')!r})"], cwd=src)
+    _run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(root / 'sdist')!r})"], cwd=source)
     (sdist,) = (root / "sdist").glob("sslctl-*.tar.gz")
     with tarfile.open(sdist) as tar:
         tar.extractall(root / "unpacked", filter="data")
     (unpacked,) = (root / "unpacked").iterdir()
-    return direct, _pip_wheel(unpacked, root / "from-sdist")
+    return direct_wheel, _pip_wheel(unpacked, root / "from-sdist")
 
 
 def _wheel_files(wheel: Path) -> set[str]:
