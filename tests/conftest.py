@@ -117,6 +117,43 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 600, env: dic
                        env={**os.environ, **(env or {})})
 
 
+def fork_ranks(fn, *args, nprocs: int = 2) -> None:
+    """fn(rank, *args) in `nprocs` processes forked from this one, joined; a rank's failure fails
+    the test. Forked, not spawned: a spawned rank imports torch, torchvision and sslctl again
+    (~5 CPU-s each). This process holds no process group and one intra-op thread, as fork needs."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
+def _cli_rank(rank: int, nprocs: int, port: int, args: list[str]) -> None:
+    if nprocs > 1:  # the environment torchrun gives its ranks
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sslctl.cli import main
+
+    try:
+        main(args)
+    except SystemExit as exit_:
+        if exit_.code:
+            raise RuntimeError(f"sslctl {' '.join(args)}: exit {exit_.code} on rank {rank}") from None
+
+
+def cli_on_forked_ranks(*args: str, nprocs: int = 1) -> None:
+    """`sslctl ARGS` as `nprocs` torchrun ranks (or one plain process) forked from this one: the
+    reference run a test compares an interrupted one with, without paying the imports of the
+    launcher and of each rank again. Its output goes to the test's captured stdout / stderr."""
+    fork_ranks(_cli_rank, nprocs, free_port(), list(args), nprocs=nprocs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def cli():
     return run_cli

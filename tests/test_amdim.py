@@ -24,6 +24,7 @@ from sslctl.losses.local import map_nce, random_location, tanh_clip
 from sslctl.methods import build_method
 from sslctl.nets.amdim import AMDIMEncoder, ConvResNxN
 from sslctl.recipes import load_recipe
+from tests.conftest import fork_ranks
 from tests.realrun import learned, retrieval_draws
 
 # ------------------------------------------------------------------ helpers (shared)
@@ -34,7 +35,7 @@ def short_run(shards: Path, recipe: str, out: Path, steps: int, *overrides: str)
     from sslctl.train import pretrain
 
     cfg = load_recipe(recipe, image_size=28, overrides=overrides)
-    run = pretrain(shards, cfg, out, device="cpu", resume="never", seed=0, workers=1, max_steps=steps, log_every=10, amp=False)
+    run = pretrain(shards, cfg, out, device="cpu", resume="never", seed=0, workers=0, max_steps=steps, log_every=10, amp=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return cfg, run, [r for r in records if "loss" in r]
 
@@ -297,9 +298,7 @@ def _two_process_worker(rank: int, init_file: str) -> None:
 
 
 def test_two_processes_with_global_negatives_equal_one_process_on_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+    fork_ranks(_two_process_worker, str(tmp_path / "init"))
 
 
 # ------------------------------------------------------------------ real run

@@ -30,6 +30,7 @@ from sslctl.datasets import open_dataset
 from sslctl.errors import UserError
 from sslctl.shardfmt import Labels, split_shards
 from sslctl.sources import read_idx
+from tests.conftest import fork_ranks, free_port
 
 N = 30  # images: 3 shards of 10 per writer
 CLASSES = ["ankle", "bag", "coat"]
@@ -362,14 +363,8 @@ def _rank_keys(rank: int, port: int, spec: str, index_dir: str, out: str) -> Non
 
 def test_two_gloo_ranks_over_http_read_disjoint_samples_every_sample_once_per_epoch(http_root, tmp_path):
     """2 ranks x 2 loader workers over 3 shards: fewer shards than readers, still disjoint."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     spec = http_root[0] + "/webdataset/ext-{000000..000002}.tar"
-    # fork, not spawn: a spawned rank spends seconds importing torch again
-    mp.start_processes(_rank_keys, args=(port, spec, str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="fork")
+    fork_ranks(_rank_keys, free_port(), spec, str(tmp_path / "run"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         a, b = ranks[0][epoch], ranks[1][epoch]

@@ -1,6 +1,6 @@
-"""Data-parallel training and embedding (issue 5; docs/spec/methods.md §0.6 and each method's part (f)).
+"""Data-parallel training and embedding (docs/spec/methods.md §0.6 and each method's part (f)).
 
-Real processes talking over gloo on the CPU: `torch.multiprocessing.spawn` for the method
+Real processes talking over gloo on the CPU: ranks forked from the test process for the method
 semantics (each rank joins through `distributed.init_from_env`, as under torchrun), and real
 `sslctl ... --nproc 2` subprocesses (torch.distributed.run) for the launcher, the distributed
 embed and the SIGTERM -> checkpoint -> resume path. Models are tiny (tests.realrun.TinyResNet,
@@ -15,7 +15,7 @@ How BN is made comparable between 2 ranks x B images and 1 rank x 2B images:
   the global batch, and SplitBatchNorm in one process uses sub-batches of the batch: these
   cannot give the same numbers by design. So every BN runs in eval mode (running statistics),
   which makes each encoder a per-sample function; then the only differences left between the
-  two setups are the ones issue 5 is about (keys gathered without gradient, the queue / bank
+  two setups are the ones this file is about (keys gathered without gradient, the queue / bank
   update, the positive at the global index, gradient and bank-gradient averaging, the lr). The
   shuffle itself is tested in test_methods_founding.py (shuffled_keys undoes it on 2 ranks).
 """
@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from torch import nn
 
 from sslctl import distributed as dist
 from sslctl.errors import UserError
-from tests.conftest import run_bounded
+from tests.conftest import cli_on_forked_ranks, fork_ranks, free_port, run_bounded
 from tests.realrun import TINY_RESNET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,12 +94,6 @@ def shards(tiny_shards) -> Path:
     """96 train + 48 test images of the embedded Fashion-MNIST, in uneven shards (40, 40, 16 and
     40, 8): 12 steps per epoch at a global batch of 8, 6 at 16."""
     return tiny_shards()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, nproc: int = 1) -> list[str]:
@@ -191,13 +184,9 @@ def _rank_main(rank: int, port: int, shards: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(shards, tmp_path_factory) -> list[dict]:
-    """Every method's STEPS steps on 2 gloo processes (one start for all of them). Forked, not
-    spawned: a spawned rank imports torch, torchvision and sslctl again (~5 CPU-s each); this
-    process has no process group and one intra-op thread, which is what fork needs."""
-    import torch.multiprocessing as mp
-
+    """Every method's STEPS steps on 2 gloo processes (one start for all of them)."""
     out = tmp_path_factory.mktemp("two-ranks")
-    mp.start_processes(_rank_main, args=(_free_port(), str(shards), str(out)), nprocs=2, join=True, start_method="fork")
+    fork_ranks(_rank_main, free_port(), str(shards), str(out))
     results = []
     for r in range(2):
         results.append(torch.load(out / f"rank{r}.pt", weights_only=False))
@@ -417,7 +406,7 @@ def _fake_slurm(tmp_path: Path) -> dict:
     for f in bin_.iterdir():
         f.chmod(0o755)
     return {"PATH": f"{bin_}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"), "SLURM_JOB_ID": "77",
-            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "NPROC": "2", "PORT": str(_free_port()),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "NPROC": "2", "PORT": str(free_port()),
             "SSLCTL": f"{sys.executable} -m sslctl"}
 
 
@@ -433,15 +422,14 @@ def test_batch_scripts_parse_and_pass_shellcheck():
 
 
 @pytest.mark.slow
-def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resumes_exactly(shards, tmp_path):
+def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resumes_exactly(shards, tmp_path, capfd):
     """pretrain.sbatch with a fake srun/scontrol around a real 2-process run (`--nproc 2`):
     USR1 (SLURM's time-limit warning) -> SIGTERM to torchrun -> both ranks stop at the same step,
     rank 0 writes the checkpoint with both ranks' RNG states -> `scontrol requeue 77`. Running the
     script again (the requeued job) resumes: the losses equal an uninterrupted 2-process run's.
     Then a resume with ONE process warns and still finishes."""
-    reference = tmp_path / "reference"
-    done = _run(_cli("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(reference), *RUN_TINY, nproc=2))
-    assert done.returncode == 0, done.stderr
+    reference = tmp_path / "reference"  # the same run on 2 ranks, never interrupted
+    cli_on_forked_ranks("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(reference), *RUN_TINY, nprocs=2)
     assert [m["step"] for m in _exact(reference)] == list(range(1, 11))
 
     env = {**os.environ, **ENV, **_fake_slurm(tmp_path)}
@@ -471,9 +459,9 @@ def test_usr1_to_the_batch_script_checkpoints_requeues_and_the_requeued_job_resu
     assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
     assert _exact(run) == _exact(reference)  # same losses as the uninterrupted run
 
-    other = _run(_cli("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "one-process"), *RUN_TINY))
-    assert other.returncode == 0, other.stderr
-    assert "written by 2 processes, this run has 1" in " ".join(other.stderr.split())
+    capfd.readouterr()
+    cli_on_forked_ranks("pretrain", str(shards), "--recipe", "moco_v2", "--out", str(tmp_path / "one-process"), *RUN_TINY)
+    assert "written by 2 processes, this run has 1" in " ".join(capfd.readouterr().err.split())
     assert [m["step"] for m in _exact(tmp_path / "one-process")] == list(range(1, 11))
 
 

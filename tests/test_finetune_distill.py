@@ -305,17 +305,17 @@ def test_real_finetune_then_distill_student_agrees_more_with_the_teacher(mini_sh
     teacher top-1 45.2 / 45.0 / 42.2%; agreement 0.14 -> 0.56, 0.13 -> 0.43, 0.09 -> 0.54."""
     small = [f"encoder.name={TINY_RESNET}", "augment.crop_size=28", "optim.batch_size=64"]
     src = pretrain(mini_shards, load_recipe("simclr_v2", variant="small", overrides=small), tmp_path / "v2",
-                   max_steps=10, workers=1)
+                   max_steps=10, workers=0)
     # Fine-tuning's own lr, 0.005 x sqrt(64) = 0.04: the classifier and BN parameters take it raw (no
     # trust ratio), and on 10 classes 0.16 already makes the loss climb; 0.05 x sqrt(64) = 0.4 diverged
     # (loss 2.3 -> 7.4, 75% of the classifier's inputs dead, a chance-level teacher; ResNet-18).
     # 8 epochs of the 500 labelled images (56 steps): at 4 the tiny ResNet's teacher reached only
     # 31-38% (seeds 0-2), too close to the bound below.
-    ft = finetune(src, mini_shards, tmp_path / "ft", labels="10%", workers=1, overrides=[*small, "schedule.epochs=8"])
+    ft = finetune(src, mini_shards, tmp_path / "ft", labels="10%", workers=0, overrides=[*small, "schedule.epochs=8"])
     teacher_top1 = [r["top1"] for r in _metrics(ft) if "top1" in r][0]
     assert teacher_top1 > 30  # well above chance (10%)
 
-    st = distill(ft, mini_shards, tmp_path / "st", max_steps=80, workers=1, eval_split=None,
+    st = distill(ft, mini_shards, tmp_path / "st", max_steps=80, workers=0, eval_split=None,
                  overrides=[*small, "schedule.epochs=1", "schedule.warmup_epochs=0"])
     rows = [r for r in _metrics(st) if "kd" in r]
     assert rows[-1]["kd"] < rows[0]["kd"]

@@ -17,6 +17,7 @@ from sslctl.methods.adco import bank_gradient
 from sslctl.optim import cosine_tau
 from sslctl.recipes import load_recipe
 from sslctl.siamese import SplitBatchNorm, ema_update, shuffled_keys, use_split_bn
+from tests.conftest import fork_ranks
 from tests.test_losses import info_nce_global
 
 B = 8
@@ -480,9 +481,7 @@ def _two_process_worker(rank: int, init_file: str) -> None:
 
 
 def test_two_processes_shuffle_bn_gather_with_grad_queue_and_bank(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+    fork_ranks(_two_process_worker, str(tmp_path / "init"))
 
 
 # ---- CUDA (skipped without a GPU) ---------------------------------------------------------

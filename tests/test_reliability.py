@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from sslctl import checkpoint as ckpt
 from sslctl.errors import UserError
 from sslctl.paths import EMBEDDED_DATASET
-from tests.conftest import run_bounded
+from tests.conftest import cli_on_forked_ranks, run_bounded
 from tests.realrun import TINY_RESNET
 
 TINY = [f"encoder.name={TINY_RESNET}", "augment.crop_size=16", "optim.batch_size=16", "method.queue_size=64",
@@ -106,11 +106,14 @@ STEPS = 30  # 5 epochs of 6 steps of 16 (tiny_shards' 96 images)
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _pretrain_cmd(shards: Path, out: Path, nproc: int) -> list[str]:
+def _pretrain_args(shards: Path, out: Path) -> list[str]:
     overrides = [x for o in TINY for x in ("--set", o)]
-    return [sys.executable, "-m", "sslctl", "pretrain", str(shards), "--recipe", "moco_v2", "--out", str(out),
-            "--max-steps", str(STEPS), "--log-every", "1", "--checkpoint-every", "3", "--seed", "3", "--workers", "1",
-            *overrides, *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    return ["pretrain", str(shards), "--recipe", "moco_v2", "--out", str(out), "--max-steps", str(STEPS), "--log-every", "1",
+            "--checkpoint-every", "3", "--seed", "3", "--workers", "1", *overrides]
+
+
+def _pretrain_cmd(shards: Path, out: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "sslctl", *_pretrain_args(shards, out), *(["--nproc", str(nproc)] if nproc > 1 else [])]
 
 
 def _rows(run: Path) -> list[dict]:
@@ -185,8 +188,7 @@ def test_pretrain_killed_at_random_points_again_and_again_ends_as_an_uninterrupt
     every kill the artifacts are whole, and the run finished at last has the losses and the
     encoder of a run that was never interrupted."""
     shards = tiny_shards()
-    reference = run_bounded(_pretrain_cmd(shards, tmp_path / "reference", nproc), env={**os.environ, **ENV})
-    assert reference.returncode == 0, reference.stderr
+    cli_on_forked_ranks(*_pretrain_args(shards, tmp_path / "reference"), nprocs=nproc)  # the same run, never interrupted
     rng = random.Random(nproc)
     run, resume_at = tmp_path / "run", 0
     for _ in range(kills):

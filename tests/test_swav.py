@@ -13,6 +13,7 @@ from sslctl.losses.clustering import sinkhorn, swapped_prediction
 from sslctl.methods import Progress, build_method
 from sslctl.methods import swav as swav_module
 from sslctl.recipes import load_recipe
+from tests.conftest import fork_ranks
 from tests.realrun import CHEAP, learned, short_run
 
 
@@ -244,12 +245,10 @@ def _sinkhorn_rank(rank: int, world: int, init_file: str, scores: torch.Tensor, 
 
 
 def test_distributed_sinkhorn_equals_single_process_on_the_concatenated_batch(tmp_path):
-    import torch.multiprocessing as mp
-
     s, _, _ = random_scores(64, 100, seed=3)
     s[:32] += 0.5  # rank 0's scores are larger: a per-rank max shift would break equality
     out = str(tmp_path / "q")
-    mp.spawn(_sinkhorn_rank, args=(2, str(tmp_path / "init"), s, out), nprocs=2, join=True)
+    fork_ranks(_sinkhorn_rank, 2, str(tmp_path / "init"), s, out)
     q = torch.cat([torch.load(f"{out}.{r}") for r in range(2)])
     assert torch.allclose(q, sinkhorn(s), atol=1e-6)
     # without the all-reduce each half would balance on its own: different codes

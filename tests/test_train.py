@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from sslctl import checkpoint as ckpt
-from tests.conftest import run_bounded, run_cli
+from tests.conftest import cli_on_forked_ranks, run_bounded, run_cli
 from tests.realrun import TINY_RESNET
 
 RESNET18 = [  # a seconds-long run: 16 px crops, batch 16, a 64-key queue / bank, 2 BN splits
@@ -49,8 +49,12 @@ def shards(tiny_shards) -> Path:
     return tiny_shards()
 
 
+def _pretrain_args(shards: Path, out: Path, *args: str, recipe: str = "moco_v2") -> list[str]:
+    return ["pretrain", str(shards), "--recipe", recipe, "--out", str(out), *TINY, *args]
+
+
 def _pretrain(shards: Path, out: Path, *args: str, recipe: str = "moco_v2") -> list:
-    return [sys.executable, "-m", "sslctl", "pretrain", str(shards), "--recipe", recipe, "--out", str(out), *TINY, *args]
+    return [sys.executable, "-m", "sslctl", *_pretrain_args(shards, out, *args, recipe=recipe)]
 
 
 def _run(cmd: list, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -78,8 +82,7 @@ def _wait_for_steps(proc: subprocess.Popen, metrics: Path, steps: int, timeout: 
 def reference(shards, tmp_path_factory) -> Path:
     """An uninterrupted 14-step run (crosses the first epoch's end at step 6), 2 loader workers."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = _run(_pretrain(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "2"))
-    assert done.returncode == 0, done.stderr
+    cli_on_forked_ranks(*_pretrain_args(shards, out, "--max-steps", "14", "--workers", "2", "--checkpoint-every", "2"))
     return out
 
 
