@@ -196,6 +196,19 @@ def warmup_steps(schedule_cfg: dict, steps_per_epoch: int) -> int:
     return round(float(schedule_cfg.get("warmup_epochs", 0)) * max(1, int(steps_per_epoch)))
 
 
+def warmup_outlasting(schedule_cfg: dict, steps_per_epoch: int, last_step: int) -> str | None:
+    """A warning with its fix when the warm-up does not end before the run's last step."""
+    warm = warmup_steps(schedule_cfg, steps_per_epoch)
+    if warm < last_step:
+        return None
+    key = "warmup_steps" if "warmup_steps" in schedule_cfg else "warmup_epochs"
+    fix = (f"--set schedule.warmup_steps={max(1, last_step // 10)}" if key == "warmup_steps"
+           else f"--set schedule.warmup_epochs={round(last_step / 10 / steps_per_epoch, 2)}")
+    return (f"the lr warm-up lasts {warm} steps (schedule.{key} = {schedule_cfg[key]}) but this run ends at step "
+            f"{last_step}: the lr never reaches its peak and the run learns little; a tenth of the run is a common "
+            f"warm-up: {fix}")
+
+
 def lr_at(step: int, steps_per_epoch: int, schedule_cfg: dict, peak_lr: float) -> float:
     """Learning rate at global step `step` (0-based).
 

@@ -4,7 +4,7 @@ agreeing on the step to stop at."""
 from __future__ import annotations
 
 import signal
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -76,3 +76,16 @@ def next_views(batches: Iterator[list[torch.Tensor]], signals: StopSignals) -> l
         if signals.signum is None:
             raise
         return None
+
+
+def until_agreed_stop(batches: Iterator[list[torch.Tensor]], signals: StopSignals, agree_fn: Callable[[bool], bool],
+                      message: str) -> Iterator[list[torch.Tensor]]:
+    """The batches until the data ends or a stop signal, agreed by every rank, raises
+    `signals.interrupted(message)` at the next batch (a pass that cannot be saved half-done)."""
+    while True:
+        views = next_views(batches, signals)
+        if agree_fn(signals.signum is not None):
+            raise signals.interrupted(message)
+        if views is None:
+            return
+        yield views

@@ -33,7 +33,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,12 +48,12 @@ from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, UserError
 from sslctl.methods import Method, Progress, build_method, method_defaults
 from sslctl.metrics_log import MetricsLog, Window
-from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, warmup_steps, weight_decay_at
+from sslctl.optim import build_optimizer, lr_at, set_lr, set_weight_decay, warmup_outlasting, weight_decay_at
 from sslctl.recipes import recipe_to_toml, scaled_lr
 from sslctl.run_data import RunData
 from sslctl.run_lock import hold_run_dir
 from sslctl.run_options import RunOptions
-from sslctl.stop import StopSignals, agree, next_views
+from sslctl.stop import StopSignals, agree, next_views, until_agreed_stop
 
 # (bank features, bank labels, query features, query labels, split=the queries' split) ->
 # (metrics.jsonl entries, a log line); the bank is the train split
@@ -158,14 +158,8 @@ class Engine:
             f"({'--workers' if self.options.workers is not None else 'the cores less one, at most 16; --workers N to change'}), "
             f"views {views}"
         )
-        warm = warmup_steps(cfg["schedule"], self.steps_per_epoch)
-        if warm >= self.last_step:
-            key = "warmup_steps" if "warmup_steps" in cfg["schedule"] else "warmup_epochs"
-            fix = (f"--set schedule.warmup_steps={max(1, self.last_step // 10)}" if key == "warmup_steps"
-                   else f"--set schedule.warmup_epochs={round(self.last_step / 10 / self.steps_per_epoch, 2)}")
-            console.warn(f"the lr warm-up lasts {warm} steps (schedule.{key} = {cfg['schedule'][key]}) but this run ends "
-                         f"at step {self.last_step}: the lr never reaches its peak and the run learns little; a tenth "
-                         f"of the run is a common warm-up: {fix}")
+        if warning := warmup_outlasting(cfg["schedule"], self.steps_per_epoch, self.last_step):
+            console.warn(warning)
         if self.saved_step is not None:
             console.log(f"resuming {self.ckpt_path} at step {self.step} (epoch {self.epoch + 1}, batch {self.position})")
 
@@ -234,22 +228,14 @@ class Engine:
         if type(self.method).setup is Method.setup:
             self.setup_done = True
             return
-
-        def until_signal(batches: Iterator[list[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
-            while True:
-                views = next_views(batches, signals)
-                if self.agree(signals.signum is not None):
-                    raise signals.interrupted("during the method's setup (before step 1); nothing to save. "
-                                              "Run the same command again to restart it.")
-                if views is None:
-                    return
-                yield views
-
         if self.main:
             console.log(f"{type(self.method).__name__}: setup pass over the data before step 1")
         self.method.train()
+        batches = until_agreed_stop(self.data.batches(epoch=-1, start=0), signals, self.agree,
+                                    "during the method's setup (before step 1); nothing to save. "
+                                    "Run the same command again to restart it.")
         with self.autocast():
-            used = self.method.setup(until_signal(self.data.batches(epoch=-1, start=0)))
+            used = self.method.setup(batches)
         self.setup_done = True
         if self.main:
             console.log(f"method setup used {used} batches")
@@ -278,7 +264,7 @@ class Engine:
             if epoch_done:
                 self.epoch, self.position = self.epoch + 1, 0
             if self.agree(not math.isfinite(scalars["loss"])):
-                self._fail_nonfinite(scalars)
+                raise nonfinite_loss(scalars["loss"], self)
             self.log.window.add(scalars, t_ready - t_fetch, time.perf_counter() - t_fetch)
             self.bar.update(self.bar_task, completed=self.step * self.batch,
                             description=f"epoch {self.epoch + (self.position > 0)}/{self.epochs} loss {scalars['loss']:.4f}")
@@ -309,17 +295,6 @@ class Engine:
         scalars = dist.all_reduce_mean(torch.stack([value.detach().float() for value in out.values()]))
         return dict(zip(out, scalars.tolist()))
 
-    def _fail_nonfinite(self, scalars: dict[str, float]) -> None:
-        causes = [f"the learning rate ({self.lr(self.step - 1):.4g} at this step) is too high: try --set optim.lr=<a tenth of it>"]
-        if self.amp:
-            causes.append("bf16 autocast lost range or precision in the loss: rerun with bf16 off to check")
-        if self.step <= 1:
-            causes.append("it failed on the first step: check the inputs' normalisation and the recipe's temperatures")
-        kept = (f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
-                if self.saved_step is not None else "no checkpoint was written yet")
-        raise RunError(f"the loss became {scalars['loss']} at step {self.step} (epoch {self.epoch + 1}); {kept}. "
-                       f"Likely cause: {'; or '.join(causes)}")
-
     def _epoch_end(self) -> None:
         if self.monitor is not None and self.epoch % self.options.monitor_every == 0:
             self._monitor()
@@ -345,6 +320,19 @@ class Engine:
 
     def agree(self, flag: bool) -> bool:
         return agree(flag, self.world, self.device)
+
+
+def nonfinite_loss(loss: float, run: Engine) -> RunError:
+    """The stop on a NaN / inf loss: where it happened, what is kept, the likely causes."""
+    causes = [f"the learning rate ({run.lr(run.step - 1):.4g} at this step) is too high: try --set optim.lr=<a tenth of it>"]
+    if run.amp:
+        causes.append("bf16 autocast lost range or precision in the loss: rerun with bf16 off to check")
+    if run.step <= 1:
+        causes.append("it failed on the first step: check the inputs' normalisation and the recipe's temperatures")
+    kept = (f"the last good checkpoint {run.ckpt_path} (step {run.saved_step}) is kept"
+            if run.saved_step is not None else "no checkpoint was written yet")
+    return RunError(f"the loss became {loss} at step {run.step} (epoch {run.epoch + 1}); {kept}. "
+                    f"Likely cause: {'; or '.join(causes)}")
 
 
 def pretrain(shards: str | Path, cfg: dict, out: str | Path, *, monitor: Monitor | None = None, **options) -> Path:
