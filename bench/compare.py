@@ -243,22 +243,28 @@ def sslctl_cmd(method: str, run: Path, args, steps: int) -> list[str]:
     return cmd + args.sslctl_args.split()
 
 
+def run_to_deadline(method: str, cmd: list[str], run: Path, args, deadline: float | None) -> tuple[dict, list[dict], int]:
+    """An sslctl pretrain `cmd` into `run`, to its end or the deadline (SIGTERM: it checkpoints),
+    then, if the deadline stopped it, the encoder exported at the step reached. (The process's
+    record, the metrics records, the steps done.)"""
+    proc = run_process(cmd, run.parent / f"{run.name}.log", deadline)
+    if proc["returncode"] != 0 and not (proc["signalled"] and proc["returncode"] in (143, -15)):
+        fail(f"sslctl {method}", run.parent / f"{run.name}.log")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    done = max((r["step"] for r in records if "step" in r), default=0)
+    if not (run / "encoder.safetensors").exists():
+        if run_process(sslctl_cmd(method, run, args, done), run.parent / f"{run.name}.export.log")["returncode"] != 0:
+            fail(f"sslctl {method} encoder export", run.parent / f"{run.name}.export.log")
+    return proc, records, done
+
+
 def run_sslctl(method: str, run: Path, args, steps: int, deadline: float | None) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     cmd = sslctl_cmd(method, run, args, steps)
-    proc = run_process(cmd, run.parent / f"{run.name}.log", deadline)
-    run_log = run.parent / f"{run.name}.log"
-    if proc["returncode"] != 0 and not (proc["signalled"] and proc["returncode"] in (143, -15)):
-        fail(f"sslctl {method}", run_log)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    proc, records, done = run_to_deadline(method, cmd, run, args, deadline)
     steps_rec = [r for r in records if r.get("images_per_s")]
     times = [BATCH / r["images_per_s"] for r in steps_rec]
     waits = [t * r["data_wait_pct"] / 100.0 for t, r in zip(times, steps_rec)]
-    done = max((r["step"] for r in records), default=0)
-    if not (run / "encoder.safetensors").exists():  # stopped by the deadline: export at that step
-        cmd = sslctl_cmd(method, run, args, done)
-        if run_process(cmd, run.parent / f"{run.name}.export.log")["returncode"] != 0:
-            fail(f"sslctl {method} encoder export", run.parent / f"{run.name}.export.log")
     return {
         **proc, "library": "sslctl", "method": method, "steps": done, "step_times": times, "waits": waits,
         "losses": [r["loss"] for r in steps_rec], "command": " ".join(cmd), "run": str(run),

@@ -141,18 +141,12 @@ def run_sslctl(method: str, run_dir: Path, args, at_seconds: list[float]) -> dic
     start = time.time()
     watcher = CheckpointWatcher(run_dir, start, at_seconds)
     watcher.start()
-    proc = compare.run_process(cmd, run_dir.parent / f"{run_dir.name}.log", deadline=start + 60 * args.minutes)
-    watcher.done.set()
-    watcher.join()
-    if proc["returncode"] != 0 and not (proc["signalled"] and proc["returncode"] in (143, -15)):
-        compare.fail(f"sslctl {method}", run_dir.parent / f"{run_dir.name}.log")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    done = max((r["step"] for r in records if "step" in r), default=0)
+    try:
+        proc, records, done = compare.run_to_deadline(method, cmd, run_dir, args, deadline=start + 60 * args.minutes)
+    finally:
+        watcher.done.set()
+        watcher.join()
     final_seconds = proc["wall_s"]
-    if not (run_dir / "encoder.safetensors").exists():  # stopped at the deadline: export at that step
-        export = sslctl_cmd(method, run_dir, args, done)
-        if compare.run_process(export, run_dir.parent / f"{run_dir.name}.export.log")["returncode"] != 0:
-            compare.fail(f"sslctl {method} encoder export", run_dir.parent / f"{run_dir.name}.export.log")
     points = []
     for i, snap in enumerate(watcher.taken):
         path = run_dir / "snapshots" / f"encoder-{i}.safetensors"
