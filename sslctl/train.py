@@ -43,7 +43,7 @@ from sslctl import console
 from sslctl import distributed as dist
 from sslctl.artifacts import atomic_write_text, remove_stale_temps
 from sslctl.data import ShardLoader
-from sslctl.devices import CHANNELS_LAST, default_amp, enable_fast_kernels, resolve_device
+from sslctl.devices import CHANNELS_LAST, default_amp, enable_fast_kernels, resolve_device, use_fast_attention
 from sslctl.encoder_io import save_encoder
 from sslctl.errors import RunError, UserError
 from sslctl.methods import Method, Progress, build_method, method_defaults
@@ -113,6 +113,7 @@ class Engine:
         if state is None:
             self.method.load_initial_weights()
         self.method.to(self.device)
+        use_fast_attention(self.method, self.device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.peak_lr, lr_message = scaled_lr(cfg)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from sslctl.devices import use_fast_attention
 from sslctl.encoder_io import load_encoder, read_metadata, save_encoder
 from sslctl.encoders import build_backbone, build_encoder, strip_classifier
 from sslctl.errors import UserError
@@ -29,6 +30,22 @@ VIT = "timm:vit_tiny_patch16_224"
 def _seed():
     torch.manual_seed(0)
     torch.set_num_threads(1)
+
+
+def test_fast_attention_on_the_cpu_is_plain_matmuls_with_the_same_values_and_gradients():
+    fused = build_backbone(VIT, **TINY_VIT).double()  # float64: the two differ only by rounding
+    plain = build_backbone(VIT, **TINY_VIT).double()
+    plain.load_state_dict(fused.state_dict())
+    use_fast_attention(plain, torch.device("cuda"))  # a CUDA device keeps the fused kernel
+    assert all(block.attn.fused_attn for block in plain.blocks)
+    use_fast_attention(plain, torch.device("cpu"))
+    assert not any(block.attn.fused_attn for block in plain.blocks)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    for net in (fused, plain):
+        net(x).pow(2).sum().backward()
+    torch.testing.assert_close(plain(x), fused(x))
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_timm_backbone_returns_the_class_token_after_the_final_norm():
