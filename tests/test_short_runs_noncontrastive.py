@@ -6,7 +6,7 @@ than at initialisation (3 of 4 draws, 1.25x on their sum).
 Per recipe, beyond realrun.CHEAP (the tiny ResNet, 28-px crops of scale 0.2-1, no warmup, scaling
 none), with heads narrowed to 256 hidden units:
 - VICReg: 300 steps of 16 at lr 0.05 over one epoch's schedule, 20-px crops.
-- Barlow Twins, SimSiam, DINO: 156 steps of 64 over two epochs' schedule (156 steps). At batch 16
+- Barlow Twins, SimSiam: 156 steps of 64 over two epochs' schedule (156 steps). At batch 16
   Barlow Twins' retrieval stayed at 0.5-1.0x of initialisation; SimSiam reached 1.13-1.33x at its
   linear-scaling lr (0.5 x 64/256) and 1.59x at lr 0.3.
 - DINO: 156 steps of 64 over three epochs' schedule (it stops at two thirds of it: the lr and
@@ -34,8 +34,9 @@ RUNS = {  # recipe: (steps, overrides)
     "barlow_twins": (156, [*HEADS, *TWO_EPOCHS_OF_64, "optim.lr=0.1"]),
     "simsiam": (156, [*HEADS, *TWO_EPOCHS_OF_64, "optim.lr=0.3", "head.predictor_hidden=[64]", "head.predictor_dim=256"]),
     "dino": (156, ["head.projector_hidden=[256, 256]", "head.projector_dim=64", "head.projector_norm=true",
-                   "head.prototypes=256", "optim.batch_size=64", "schedule.epochs=3", "optim.lr=0.6", "method.base_momentum=0.99",
-                   "method.freeze_last_layer_epochs=0", "loss.warmup_teacher_temperature_epochs=1"]),
+                   "head.prototypes=256", "optim.batch_size=64", "schedule.epochs=3", "optim.lr=0.6",
+                   "method.base_momentum=0.99", "method.freeze_last_layer_epochs=0",
+                   "loss.warmup_teacher_temperature_epochs=1"]),
 }
 
 
